@@ -1,0 +1,116 @@
+"""The model card: everything a caller needs to run a model file, carried inside the file.
+
+Resolution, patch sizes, class names and colours travel with the ONNX file as metadata
+(key :data:`CARD_METADATA_KEY`, a JSON document), never typed into callers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models.errors import ModelCardError
+
+__all__ = ["CARD_METADATA_KEY", "ClassInfo", "ModelCard", "read_card"]
+
+CARD_METADATA_KEY = "hoverserve.card"
+"""Name of the ONNX ``metadata_props`` entry holding the card as JSON."""
+
+Family = Literal["hover", "boundary", "instance"]
+
+
+class ClassInfo(BaseModel):
+    """One nucleus class: its display name and RGB colour (0-255 integers)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(min_length=1)
+    colour: tuple[int, int, int]
+
+    @field_validator("colour")
+    @classmethod
+    def _check_colour(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 0 <= c <= 255 for c in value):
+            raise ValueError(f"colour components must be within 0..255, got {value}")
+        return value
+
+
+class ModelCard(BaseModel):
+    """Description of a model file.
+
+    ``classes[0]`` is always the background class; ``classes`` is empty for an untyped
+    (segmentation-only) model, whose nuclei are all reported as class ``"Nucleus"``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    name: str
+    version: str = "1"
+    family: Family = "hover"
+    architecture: str = ""
+    input_size: int = Field(gt=0, description="Input patch side, pixels")
+    output_size: int = Field(gt=0, description="Output patch side (centre of the input), pixels")
+    mpp: float = Field(gt=0, description="Working resolution, µm per pixel")
+    classes: tuple[ClassInfo, ...] = ()
+    postprocess: dict[str, Any] = Field(default_factory=dict)
+    training_data: str = ""
+    licence: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> ModelCard:
+        if self.output_size > self.input_size or (self.input_size - self.output_size) % 2:
+            raise ValueError(
+                f"output_size {self.output_size} must be <= input_size {self.input_size} "
+                "and differ from it by an even number (centre crop)"
+            )
+        return self
+
+    @property
+    def margin(self) -> int:
+        """Pixels lost on each side of an input patch (valid convolutions)."""
+        return (self.input_size - self.output_size) // 2
+
+    @property
+    def typed(self) -> bool:
+        return len(self.classes) > 1
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelCard:
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            raise ModelCardError(f"invalid model card: {exc}") from exc
+
+
+def read_card(path: str | Path) -> ModelCard:
+    """Read the card embedded in an ONNX file without loading its weights into a session."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError/OSError and others
+        raise ModelCardError(f"cannot read ONNX model {path}: {exc}") from exc
+    props = {p.key: p.value for p in proto.metadata_props}
+    if CARD_METADATA_KEY not in props:
+        raise ModelCardError(
+            f"{path} has no HoVerServe model card (metadata key {CARD_METADATA_KEY!r}); "
+            "import checkpoints with `hoverserve model import`"
+        )
+    return ModelCard.from_json(props[CARD_METADATA_KEY])
+
+
+def card_metadata(card: ModelCard) -> dict[str, str]:
+    """Metadata entries to embed in an ONNX file for ``card``."""
+    return {CARD_METADATA_KEY: card.to_json(), "hoverserve.card.name": card.name}
+
+
+def _dump(card: ModelCard) -> dict[str, Any]:
+    return json.loads(card.to_json())

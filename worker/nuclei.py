@@ -1,0 +1,185 @@
+"""Nucleus records (per region, model pixels) and the columnar nucleus table (level-0 pixels).
+
+``hover_instances`` returns :class:`Nucleus` records in the coordinates of the maps it was given.
+The pipeline maps them to level-0 slide pixels and packs them into a :class:`NucleusTable`, the one
+value every writer reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = ["Nucleus", "NucleusTable"]
+
+
+@dataclass(frozen=True, slots=True)
+class Nucleus:
+    """One segmented nucleus, in the pixel coordinates of the maps it came from.
+
+    Attributes
+    ----------
+    label : int
+        Its id in the accompanying label image.
+    centroid : (float, float)
+        (x, y) centre of mass, pixels.
+    bbox : (int, int, int, int)
+        (x_min, y_min, x_max, y_max), half-open, pixels.
+    area : int
+        Pixel count.
+    contour : (N, 2) float32 ndarray
+        Outer boundary as (x, y) vertices, not closed (first vertex not repeated).
+    type : int
+        Class index into the model card's classes (0 = background/untyped).
+    type_prob : float
+        Fraction of the nucleus' pixels voting for ``type`` (1.0 when untyped).
+    np_prob : float
+        Mean nucleus probability over its pixels.
+    perimeter : float
+        Contour length, pixels.
+    solidity : float
+        Area over convex hull area.
+    eccentricity : float
+        Of the ellipse with the same second moments (0 = circle).
+    """
+
+    label: int
+    centroid: tuple[float, float]
+    bbox: tuple[int, int, int, int]
+    area: int
+    contour: NDArray[np.float32]
+    type: int = 0
+    type_prob: float = 1.0
+    np_prob: float = 1.0
+    perimeter: float = 0.0
+    solidity: float = 1.0
+    eccentricity: float = 0.0
+
+
+def _empty(shape: tuple[int, ...], dtype: type) -> NDArray:
+    return np.zeros(shape, dtype=dtype)
+
+
+@dataclass(eq=False)
+class NucleusTable:
+    """Columnar table of nuclei in level-0 slide pixels and physical units.
+
+    All per-nucleus columns have length ``n``. Polygons are ragged: nucleus ``i`` owns
+    ``vertices[offsets[i]:offsets[i + 1]]`` (x, y level-0 pixels, ring not closed).
+    """
+
+    centroid: NDArray[np.float64] = field(default_factory=lambda: _empty((0, 2), np.float64))
+    bbox: NDArray[np.float64] = field(default_factory=lambda: _empty((0, 4), np.float64))
+    area_um2: NDArray[np.float32] = field(default_factory=lambda: _empty((0,), np.float32))
+    perimeter_um: NDArray[np.float32] = field(default_factory=lambda: _empty((0,), np.float32))
+    solidity: NDArray[np.float32] = field(default_factory=lambda: _empty((0,), np.float32))
+    eccentricity: NDArray[np.float32] = field(default_factory=lambda: _empty((0,), np.float32))
+    type: NDArray[np.int16] = field(default_factory=lambda: _empty((0,), np.int16))
+    type_prob: NDArray[np.float32] = field(default_factory=lambda: _empty((0,), np.float32))
+    np_prob: NDArray[np.float32] = field(default_factory=lambda: _empty((0,), np.float32))
+    vertices: NDArray[np.float32] = field(default_factory=lambda: _empty((0, 2), np.float32))
+    offsets: NDArray[np.int64] = field(default_factory=lambda: _empty((1,), np.int64))
+    region: NDArray[np.int32] = field(default_factory=lambda: _empty((0,), np.int32))
+
+    def __post_init__(self) -> None:
+        n = len(self.centroid)
+        for name in ("bbox", "area_um2", "perimeter_um", "solidity", "eccentricity", "type",
+                     "type_prob", "np_prob", "region"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"column {name!r} has length {len(getattr(self, name))}, expected {n}")
+        if len(self.offsets) != n + 1 or self.offsets[-1] != len(self.vertices):
+            raise ValueError("offsets must have n + 1 entries ending at len(vertices)")
+
+    def __len__(self) -> int:
+        return len(self.centroid)
+
+    def __repr__(self) -> str:
+        return f"NucleusTable(n={len(self)}, vertices={len(self.vertices)})"
+
+    def polygon(self, i: int) -> NDArray[np.float32]:
+        """Vertices (x, y) of nucleus ``i``, ring not closed."""
+        return self.vertices[self.offsets[i] : self.offsets[i + 1]]
+
+    def counts(self, n_classes: int) -> NDArray[np.int64]:
+        """Nuclei per class index, length ``n_classes``."""
+        return np.bincount(self.type.astype(np.int64), minlength=n_classes)[:n_classes]
+
+    def take(self, index: NDArray[np.intp] | NDArray[np.bool_]) -> NucleusTable:
+        """A new table with the selected rows (integer indices or boolean mask)."""
+        idx = np.flatnonzero(index) if np.asarray(index).dtype == bool else np.asarray(index)
+        lengths = np.diff(self.offsets)[idx]
+        pieces = [self.vertices[self.offsets[i] : self.offsets[i + 1]] for i in idx]
+        vertices = np.concatenate(pieces) if pieces else _empty((0, 2), np.float32)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return NucleusTable(
+            centroid=self.centroid[idx], bbox=self.bbox[idx], area_um2=self.area_um2[idx],
+            perimeter_um=self.perimeter_um[idx], solidity=self.solidity[idx],
+            eccentricity=self.eccentricity[idx], type=self.type[idx],
+            type_prob=self.type_prob[idx], np_prob=self.np_prob[idx],
+            vertices=vertices.astype(np.float32), offsets=offsets, region=self.region[idx],
+        )
+
+    @classmethod
+    def from_nuclei(
+        cls,
+        nuclei: Sequence[Nucleus],
+        *,
+        scale: float = 1.0,
+        offset: tuple[float, float] = (0.0, 0.0),
+        mpp: float = 1.0,
+        region: int = -1,
+    ) -> NucleusTable:
+        """Pack records, mapping their pixels to level-0 as ``level0 = scale * (p + offset)``.
+
+        ``offset`` is (x, y) of the maps' origin in model pixels; ``scale`` is level-0 pixels per
+        model pixel; ``mpp`` is µm per *model* pixel (for areas and perimeters).
+        """
+        n = len(nuclei)
+        if n == 0:
+            return cls()
+        ox, oy = offset
+        cent = np.array([nu.centroid for nu in nuclei], dtype=np.float64)
+        cent = (cent + (ox, oy)) * scale
+        bbox = np.array([nu.bbox for nu in nuclei], dtype=np.float64)
+        bbox = (bbox + (ox, oy, ox, oy)) * scale
+        lengths = np.array([len(nu.contour) for nu in nuclei], dtype=np.int64)
+        verts = np.concatenate([np.asarray(nu.contour, dtype=np.float64) for nu in nuclei])
+        # Contour vertices are pixel centres of boundary pixels; +0.5 moves them to the
+        # continuous frame (pixel (0,0) spans 0..1) before scaling, so shapes stay centred.
+        verts = ((verts + (ox + 0.5, oy + 0.5)) * scale).astype(np.float32)
+        cent = cent + 0.5 * scale
+        return cls(
+            centroid=cent,
+            bbox=bbox,
+            area_um2=np.array([nu.area for nu in nuclei], np.float32) * np.float32(mpp * mpp),
+            perimeter_um=np.array([nu.perimeter for nu in nuclei], np.float32) * np.float32(mpp),
+            solidity=np.array([nu.solidity for nu in nuclei], np.float32),
+            eccentricity=np.array([nu.eccentricity for nu in nuclei], np.float32),
+            type=np.array([nu.type for nu in nuclei], np.int16),
+            type_prob=np.array([nu.type_prob for nu in nuclei], np.float32),
+            np_prob=np.array([nu.np_prob for nu in nuclei], np.float32),
+            vertices=verts,
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            region=np.full(n, region, np.int32),
+        )
+
+    @classmethod
+    def concat(cls, tables: Iterable[NucleusTable]) -> NucleusTable:
+        tables = [t for t in tables if len(t)]
+        if not tables:
+            return cls()
+        shifts = np.cumsum([0] + [len(t.vertices) for t in tables[:-1]])
+        offsets = np.concatenate(
+            [[0]] + [t.offsets[1:] + s for t, s in zip(tables, shifts, strict=True)]
+        ).astype(np.int64)
+        def cat(name: str) -> NDArray:
+            return np.concatenate([getattr(t, name) for t in tables])
+        return cls(
+            centroid=cat("centroid"), bbox=cat("bbox"), area_um2=cat("area_um2"),
+            perimeter_um=cat("perimeter_um"), solidity=cat("solidity"),
+            eccentricity=cat("eccentricity"), type=cat("type"), type_prob=cat("type_prob"),
+            np_prob=cat("np_prob"), vertices=cat("vertices"), offsets=offsets, region=cat("region"),
+        )
