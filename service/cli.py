@@ -1,0 +1,288 @@
+"""The ``hoverserve`` command line.
+
+Each subcommand parses its arguments, builds the value objects the library takes, calls one
+library function and renders the result. Library errors become a one-line message on stderr and
+exit status 2; nothing else is printed on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+"""Exit status for bad input (unreadable slide, bad option, missing model...)."""
+
+
+def _roi(text: str) -> tuple[int, int, int, int]:
+    parts = text.replace(" ", "").split(",")
+    try:
+        x, y, w, h = (int(float(p)) for p in parts)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--roi wants x,y,w,h in level-0 pixels, got {text!r}") from exc
+    if w <= 0 or h <= 0 or x < 0 or y < 0:
+        raise argparse.ArgumentTypeError(f"--roi wants x,y >= 0 and w,h > 0, got {text!r}")
+    return x, y, w, h
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+class UsageError(Exception):
+    """A problem with the command line the user can fix; printed without a traceback."""
+
+
+# --------------------------------------------------------------------------- infer
+
+
+def _resolve_model(name: str | None) -> Path:
+    from models.zoo import ZOO_DIR, default_model
+
+    if name is None:
+        path = default_model()
+        if path is None:
+            raise UsageError(
+                "no bundled default model in this build (models/zoo is empty); "
+                "pass --model MODEL.onnx (e.g. one made by `hoverserve model import CKPT.tar`)"
+            )
+        return path
+    path = Path(name)
+    if not path.exists() and (ZOO_DIR / name).is_file():
+        return ZOO_DIR / name
+    if not path.is_file():
+        raise UsageError(f"--model {name}: no such file")
+    return path
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    import fsspec
+    from rich.console import Console
+    from rich.table import Table
+    from tqdm import tqdm
+
+    from worker.pipeline import InferenceOptions, run_slide
+
+    if args.no_tissue_mask and args.tissue_mask:
+        raise UsageError("--no-tissue-mask and --tissue-mask exclude each other")
+    slide = Path(args.slide)
+    if not slide.exists():
+        raise UsageError(f"slide not found: {slide}")
+    tissue = "none" if args.no_tissue_mask else (Path(args.tissue_mask) if args.tissue_mask else "auto")
+    options = InferenceOptions(
+        model=_resolve_model(args.model), mpp=args.mpp, roi=args.roi,
+        region_size=args.region_size, batch_size=args.batch_size,
+        workers=args.workers if args.workers is not None else InferenceOptions.workers,
+        device=args.device, tissue=tissue,
+    )
+    out = args.out or f"{slide.stem}-nuclei"
+    fs, root = fsspec.url_to_fs(out)
+    fs.makedirs(root, exist_ok=True)
+    bar = tqdm(total=0, unit="region", desc=slide.name, disable=args.quiet, dynamic_ncols=True)
+
+    def on_plan(plan) -> None:
+        bar.reset(total=len(plan.regions))
+
+    def on_region(done: int, total: int, nuclei: int) -> None:
+        bar.update(1)
+        bar.set_postfix(nuclei=nuclei, refresh=False)
+
+    start = time.perf_counter()
+    try:
+        result = run_slide(slide, fs=fs, root=root, options=options, on_plan=on_plan,
+                           on_region=on_region)
+    finally:
+        bar.close()
+    wall = time.perf_counter() - start
+    tissue_px = result.tissue_area_mm2 / (result.plan.grid.mpp / 1000.0) ** 2 / (
+        result.plan.grid.level0_per_model ** 2)
+    console = Console(stderr=False)
+    table = Table(title=f"{slide.name} → {out}", show_header=True)
+    table.add_column("class")
+    table.add_column("nuclei", justify="right")
+    for name, count in result.counts.items():
+        table.add_row(name, f"{count:,}")
+    table.add_row("[bold]total[/bold]", f"[bold]{len(result.table):,}[/bold]")
+    if not args.quiet:
+        console.print(table)
+        console.print(
+            f"model {result.card.name} · {len(result.plan.regions)} regions · "
+            f"tissue {result.tissue_area_mm2:.2f} mm² · wall {wall:.1f} s · "
+            f"{tissue_px / 1e6 / wall:.2f} tissue Mpx/s (level 0)"
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _cmd_model_import(args: argparse.Namespace) -> int:
+    from models.importer import import_to_onnx
+
+    card = import_to_onnx(args.checkpoint, args.output, types=args.types, name=args.name)
+    print(f"wrote {args.output}: {card.name} ({card.architecture}, "
+          f"{len(card.classes)} classes, {card.input_size}→{card.output_size} px at {card.mpp} µm/px)")
+    return 0
+
+
+def _cmd_model_export(args: argparse.Namespace) -> int:
+    from models.train import export_trained
+
+    card = export_trained(args.checkpoint, args.output)
+    print(f"wrote {args.output}: {card.name} ({card.architecture})")
+    return 0
+
+
+def _cmd_model_train(args: argparse.Namespace) -> int:
+    from models.train import train
+
+    path = train(args.config, resume=args.resume, device=args.device)
+    print(f"checkpoint: {path}")
+    return 0
+
+
+def _cmd_model_info(args: argparse.Namespace) -> int:
+    from models.card import read_card
+
+    card = read_card(_resolve_model(args.model))
+    print(json.dumps(json.loads(card.to_json()), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _cmd_model_list(args: argparse.Namespace) -> int:
+    from models.card import read_card
+    from models.zoo import default_model, list_models
+
+    default = default_model()
+    for path in list_models():
+        card = read_card(path)
+        mark = " (default)" if default and path == default else ""
+        print(f"{path.name}{mark}: {card.name} {card.version}, {card.architecture}, "
+              f"{card.mpp} µm/px, classes: {', '.join(c.name for c in card.classes[1:]) or '-'}")
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from models.evaluate import evaluate_files
+
+    result = evaluate_files(args.pred, args.gt, radius=args.radius, mpp=args.mpp)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hoverserve",
+        description="Nuclear instance segmentation and classification of whole-slide images.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("infer", help="segment and classify the nuclei of one slide")
+    p.add_argument("slide", help="slide file (SVS, NDPI, MRXS, SCN, TIFF/OME-TIFF, DICOM, PNG/JPEG)")
+    p.add_argument("--model", help="ONNX model file (default: the bundled model)")
+    p.add_argument("--out", help="output directory or fsspec URL (default: ./<slide>-nuclei)")
+    p.add_argument("--roi", type=_roi, help="x,y,w,h in level-0 pixels: analyse only this box")
+    p.add_argument("--mpp", type=_positive_float, help="µm per level-0 pixel (overrides metadata)")
+    p.add_argument("--region-size", type=_positive_int, default=2048,
+                   help="region core side in model pixels (default 2048)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="patches per batch")
+    p.add_argument("--workers", type=int, help="read/post-process processes (0 = in-process)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--no-tissue-mask", action="store_true", help="analyse background too")
+    p.add_argument("--tissue-mask", help="PNG mask (non-zero = tissue) with the slide's aspect")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=_cmd_infer)
+
+    model = sub.add_parser("model", help="import, export, train and inspect models")
+    msub = model.add_subparsers(dest="model_command", required=True)
+    p = msub.add_parser("import", help="official HoVer-Net checkpoint (.tar) → ONNX")
+    p.add_argument("checkpoint")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--types", help="pannuke | consep | monusac | classes JSON file")
+    p.add_argument("--name", help="model name for the card")
+    p.set_defaults(func=_cmd_model_import)
+    p = msub.add_parser("export", help="a HoVerServe training checkpoint → ONNX")
+    p.add_argument("checkpoint")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=_cmd_model_export)
+    p = msub.add_parser("train", help="train a model from a config file")
+    p.add_argument("config")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=_cmd_model_train)
+    p = msub.add_parser("info", help="print a model file's card")
+    p.add_argument("model", nargs="?", help="ONNX file (default: the bundled model)")
+    p.set_defaults(func=_cmd_model_info)
+    p = msub.add_parser("list", help="list bundled models")
+    p.set_defaults(func=_cmd_model_list)
+
+    p = sub.add_parser("evaluate", help="compare predicted and ground-truth label maps")
+    p.add_argument("pred", help=".npz (inst[, type_map]) or label image")
+    p.add_argument("gt", help=".npz (inst[, type_map]) or label image")
+    p.add_argument("--radius", type=_positive_float, help="detection radius, pixels")
+    p.add_argument("--mpp", type=_positive_float, help="µm/px (sets the default radius)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+"""Subcommand registrars of other modules (the HTTP service adds serve/worker/submit)."""
+
+
+def _error_types() -> tuple[type[BaseException], ...]:
+    from models.errors import ModelError
+    from worker.errors import WorkerError
+
+    return (UsageError, WorkerError, ModelError, ValueError, FileNotFoundError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except _error_types() as exc:
+        print(f"hoverserve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("hoverserve: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Inference: an ONNX model file run by ONNX Runtime, patch by patch, stitched into region maps."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from models.card import CARD_METADATA_KEY, ModelCard
+from models.errors import ModelCardError
+from worker.errors import InferenceError
+from worker.plan import Box, tile_boxes
+
+__all__ = ["Device", "Model", "RegionMaps", "load_model", "predict_maps", "select_providers"]
+
+logger = logging.getLogger(__name__)
+
+Device = Literal["auto", "cpu", "cuda"]
+
+_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def select_providers(device: Device, available: Sequence[str]) -> list[str]:
+    """ONNX Runtime providers to use, best first: TensorRT → CUDA → CPU.
+
+    ``cuda`` fails when no GPU provider is installed; ``auto`` quietly falls back to the CPU.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    gpu = [p for p in _GPU_PROVIDERS if p in available]
+    if device == "cuda" and not gpu:
+        raise InferenceError(
+            "device 'cuda' requested but this onnxruntime has no CUDA/TensorRT provider "
+            f"(available: {', '.join(available)}); install onnxruntime-gpu or use --device cpu"
+        )
+    chosen = [] if device == "cpu" else gpu
+    return [*chosen, "CPUExecutionProvider"]
+
+
+@dataclass(frozen=True, slots=True)
+class RegionMaps:
+    """Stitched network outputs over a region's ``maps`` box (model pixels).
+
+    ``types`` is the per-pixel argmax class (uint8) or None for an untyped model.
+    """
+
+    box: Box
+    np_prob: NDArray[np.float32]
+    hv: NDArray[np.float32]
+    types: NDArray[np.uint8] | None
+
+
+class Model:
+    """A loaded model file: its card and an ONNX Runtime session."""
+
+    def __init__(self, session, card: ModelCard, path: Path, *, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.session = session
+        self.card = card
+        self.path = path
+        self.batch_size = batch_size
+        self.outputs = [o.name for o in session.get_outputs()]
+        missing = {"np_prob", "hv"} - set(self.outputs)
+        if missing:
+            raise InferenceError(f"model {path} lacks outputs {sorted(missing)}; has {self.outputs}")
+        self.typed = "tp_prob" in self.outputs
+
+    def __repr__(self) -> str:
+        return f"Model({self.card.name!r}, providers={self.session.get_providers()})"
+
+    def predict(self, patches: NDArray[np.float32]) -> dict[str, NDArray[np.float32]]:
+        """Run (N, 3, H, W) float32 RGB 0–255 patches in batches; returns contract outputs."""
+        wanted = ["np_prob", "hv", *(["tp_prob"] if self.typed else [])]
+        chunks: dict[str, list[NDArray[np.float32]]] = {k: [] for k in wanted}
+        for start in range(0, len(patches), self.batch_size):
+            batch = np.ascontiguousarray(patches[start : start + self.batch_size])
+            try:
+                results = self.session.run(wanted, {"image": batch})
+            except Exception as exc:  # onnxruntime raises its own non-exported exception types
+                raise InferenceError(f"model {self.path.name} failed on a batch: {exc}") from exc
+            for key, value in zip(wanted, results, strict=True):
+                chunks[key].append(value)
+        return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def load_model(
+    path: str | Path,
+    *,
+    device: Device = "auto",
+    batch_size: int = 8,
+    threads: int | None = None,
+) -> Model:
+    """Open an ONNX model file with its embedded card.
+
+    Raises
+    ------
+    InferenceError
+        The file is missing, not ONNX, has no HoVerServe card, or the device is unavailable.
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise InferenceError(f"model file not found: {path}")
+    providers = select_providers(device, ort.get_available_providers())
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:
+        raise InferenceError(f"cannot load model {path}: {exc}") from exc
+    meta = session.get_modelmeta().custom_metadata_map
+    if CARD_METADATA_KEY not in meta:
+        raise InferenceError(
+            f"{path} has no HoVerServe model card; import official checkpoints with "
+            "`hoverserve model import` or export your own with `hoverserve model export`"
+        )
+    try:
+        card = ModelCard.from_json(meta[CARD_METADATA_KEY])
+    except ModelCardError as exc:
+        raise InferenceError(str(exc)) from exc
+    logger.info("loaded model %s (%s) with providers %s", card.name, path, session.get_providers())
+    return Model(session, card, path, batch_size=batch_size)
+
+
+def predict_maps(
+    model: Model,
+    image: NDArray[np.uint8],
+    image_box: Box,
+    maps_box: Box,
+    *,
+    tile_wanted: Callable[[Box], bool] | None = None,
+) -> RegionMaps:
+    """Tile ``image`` (pixels of ``image_box``), run the model and stitch maps over ``maps_box``.
+
+    ``image_box`` must be ``maps_box`` grown by the model's margin. Tiles for which
+    ``tile_wanted`` is false (no tissue) are not run and stay background.
+    """
+    card = model.card
+    out, margin = card.output_size, card.margin
+    if image_box != maps_box.grow(margin):
+        raise ValueError(f"image box {image_box} must be maps box {maps_box} grown by {margin}")
+    if image.shape[:2] != (image_box.height, image_box.width):
+        raise ValueError(f"image shape {image.shape} does not match its box {image_box}")
+    h, w = maps_box.height, maps_box.width
+    np_prob = np.zeros((h, w), np.float32)
+    hv = np.zeros((2, h, w), np.float32)
+    types = np.zeros((h, w), np.uint8) if model.typed else None
+    tiles = [t for t in tile_boxes(maps_box, tile=out) if tile_wanted is None or tile_wanted(t)]
+    chunk = max(1, model.batch_size) * 4  # bounds the float32 patch stack, whatever the region
+    for start in range(0, len(tiles), chunk):
+        group = tiles[start : start + chunk]
+        patches = np.empty((len(group), 3, card.input_size, card.input_size), np.float32)
+        for i, t in enumerate(group):
+            r, c = t.row0 - maps_box.row0, t.col0 - maps_box.col0
+            patch = image[r : r + card.input_size, c : c + card.input_size]
+            patches[i] = patch.transpose(2, 0, 1)
+        result = model.predict(patches)
+        for i, t in enumerate(group):
+            r, c = t.row0 - maps_box.row0, t.col0 - maps_box.col0
+            np_prob[r : r + out, c : c + out] = result["np_prob"][i, 0]
+            hv[:, r : r + out, c : c + out] = result["hv"][i]
+            if types is not None:
+                types[r : r + out, c : c + out] = result["tp_prob"][i].argmax(axis=0)
+    return RegionMaps(maps_box, np_prob, hv, types)
