@@ -1,0 +1,158 @@
+"""Synthetic slides with known nuclei, and an ONNX "oracle" model that reads their exact maps.
+
+The slide's colour channels encode the HoVer-Net maps of known ellipses: red is the nucleus
+probability (0 outside; a per-class level inside), green and blue are the horizontal and vertical
+distance maps mapped from −1..1 to 0..255. The oracle model decodes them, so the pipeline's maps are
+exact and every difference from the known nuclei comes from tiling, seams or merging.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from models.card import ClassInfo, ModelCard, card_metadata
+
+CLASS_LEVELS = (0.0, 200.0, 250.0)
+"""Red value of background and of classes 1 and 2."""
+
+CLASSES = (
+    ClassInfo(name="Background", colour=(0, 0, 0)),
+    ClassInfo(name="Alpha", colour=(255, 0, 0)),
+    ClassInfo(name="Beta", colour=(0, 160, 255)),
+)
+
+
+def draw_ellipses(
+    shape: tuple[int, int], n: int, *, seed: int = 0, radius: tuple[float, float] = (5.0, 11.0)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Instance map (H, W) int32 of up to ``n`` ellipses (touching allowed, overlap not) and
+    per-instance classes (index = id, 0 unused)."""
+    rng = np.random.default_rng(seed)
+    inst = np.zeros(shape, np.int32)
+    classes = [0]
+    for _ in range(n * 4):
+        if len(classes) > n:
+            break
+        cy, cx = rng.uniform(12, shape[0] - 12), rng.uniform(12, shape[1] - 12)
+        ay, ax = rng.uniform(*radius), rng.uniform(*radius)
+        mask = np.zeros(shape, np.uint8)
+        cv2.ellipse(mask, (round(cx), round(cy)), (round(ax), round(ay)),
+                    float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        ys, xs = np.nonzero(mask)
+        if len(ys) < 30 or inst[ys, xs].any():
+            continue
+        label = len(classes)
+        inst[ys, xs] = label
+        classes.append(int(rng.integers(1, 3)))
+    return inst, np.array(classes, np.int32)
+
+
+def hv_maps(inst: np.ndarray) -> np.ndarray:
+    """(2, H, W) float32 horizontal/vertical distances to each instance's centre, in −1..1."""
+    hv = np.zeros((2, *inst.shape), np.float32)
+    for label in np.unique(inst)[1:]:
+        ys, xs = np.nonzero(inst == label)
+        for axis, coord in ((0, xs), (1, ys)):
+            d = coord - coord.mean()
+            neg, pos = -d[d < 0].min(initial=0), d[d > 0].max(initial=0)
+            d = np.where(d < 0, d / max(neg, 1e-6), d / max(pos, 1e-6))
+            hv[axis, ys, xs] = d
+    return hv
+
+
+def encode_slide(inst: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """RGB uint8 image whose channels are the maps of ``inst``."""
+    hv = hv_maps(inst)
+    rgb = np.empty((*inst.shape, 3), np.uint8)
+    rgb[..., 0] = np.asarray(CLASS_LEVELS, np.float32)[classes[inst]].astype(np.uint8)
+    rgb[..., 1:] = np.clip(np.round((hv.transpose(1, 2, 0) + 1) * 127.5), 0, 255).astype(np.uint8)
+    return rgb
+
+
+def oracle_card(*, input_size: int = 272, output_size: int = 256, mpp: float = 0.25) -> ModelCard:
+    return ModelCard(
+        name="oracle", family="hover", architecture="oracle", input_size=input_size,
+        output_size=output_size, mpp=mpp, classes=CLASSES, licence="test fixture",
+    )
+
+
+def build_oracle(path: Path, card: ModelCard | None = None) -> Path:
+    """Write the decoding ONNX model (centre crop by the card's margin) to ``path``."""
+    card = card or oracle_card()
+    m, size = card.margin, card.input_size
+    const = helper.make_tensor
+
+    def ints(name: str, values: list[int]) -> onnx.NodeProto:
+        tensor = const(name, TensorProto.INT64, [len(values)], values)
+        return helper.make_node("Constant", [], [name], value=tensor)
+
+    def scalar(name: str, value: float) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], value=const(name, TensorProto.FLOAT, [], [value]))
+
+    nodes = [
+        ints("starts", [m, m]), ints("ends", [size - m, size - m]), ints("axes", [2, 3]),
+        helper.make_node("Slice", ["image", "starts", "ends", "axes"], ["crop"]),
+        ints("c0", [0]), ints("c1", [1]), ints("c3", [3]), ints("ch_axis", [1]),
+        helper.make_node("Slice", ["crop", "c0", "c1", "ch_axis"], ["red"]),
+        helper.make_node("Slice", ["crop", "c1", "c3", "ch_axis"], ["greenblue"]),
+        scalar("k255", 255.0), scalar("k127", 127.5), scalar("one", 1.0), scalar("k15", 15.0),
+        helper.make_node("Div", ["red", "k255"], ["np_raw"]),
+        helper.make_node("Clip", ["np_raw"], ["np_prob"]),
+        helper.make_node("Div", ["greenblue", "k127"], ["gb"]),
+        helper.make_node("Sub", ["gb", "one"], ["hv"]),
+    ]
+    scores = []
+    for k, level in enumerate(CLASS_LEVELS):
+        nodes += [
+            scalar(f"lvl{k}", level),
+            helper.make_node("Sub", ["red", f"lvl{k}"], [f"d{k}"]),
+            helper.make_node("Div", [f"d{k}", "k15"], [f"z{k}"]),
+            helper.make_node("Mul", [f"z{k}", f"z{k}"], [f"zz{k}"]),
+            helper.make_node("Neg", [f"zz{k}"], [f"s{k}"]),
+        ]
+        scores.append(f"s{k}")
+    nodes += [
+        helper.make_node("Concat", scores, ["logits"], axis=1),
+        helper.make_node("Softmax", ["logits"], ["tp_prob"], axis=1),
+    ]
+    out = card.output_size
+    graph = helper.make_graph(
+        nodes, "oracle",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
+        [
+            helper.make_tensor_value_info("np_prob", TensorProto.FLOAT, ["N", 1, out, out]),
+            helper.make_tensor_value_info("hv", TensorProto.FLOAT, ["N", 2, out, out]),
+            helper.make_tensor_value_info("tp_prob", TensorProto.FLOAT, ["N", 3, out, out]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for key, value in card_metadata(card).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def write_tiff(path: Path, rgb: np.ndarray, *, mpp: float, tile: int = 256, levels: int = 1) -> Path:
+    """A tiled (pyramidal when ``levels`` > 1) lossless RGB TIFF with its resolution."""
+    import tifffile
+
+    res = 1e4 / mpp  # pixels per cm
+    with tifffile.TiffWriter(path, bigtiff=False) as tif:
+        image = rgb
+        for level in range(levels):
+            tif.write(
+                image, tile=(tile, tile), photometric="rgb", compression="zlib",
+                resolution=(res / 2**level, res / 2**level), resolutionunit="CENTIMETER",
+                subfiletype=0 if level == 0 else 1,
+            )
+            image = cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2),
+                               interpolation=cv2.INTER_AREA)
+    return path
