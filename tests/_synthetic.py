@@ -1,9 +1,10 @@
 """Synthetic slides with known nuclei, and an ONNX "oracle" model that reads their exact maps.
 
-The slide's colour channels encode the HoVer-Net maps of known ellipses: red is the nucleus
-probability (0 outside; a per-class level inside), green and blue are the horizontal and vertical
-distance maps mapped from −1..1 to 0..255. The oracle model decodes them, so the pipeline's maps are
-exact and every difference from the known nuclei comes from tiling, seams or merging.
+The slide's colour channels encode the HoVer-Net maps of known ellipses: red is one minus the
+nucleus probability (255 outside, so white background reads as "no nucleus"; a per-class level
+inside), green and blue are the horizontal and vertical distance maps mapped from −1..1 to 0..255.
+The oracle model decodes them, so the pipeline's maps are exact and every difference from the known
+nuclei comes from tiling, seams or merging.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from onnx import TensorProto, helper
 
 from models.card import ClassInfo, ModelCard, card_metadata
 
-CLASS_LEVELS = (0.0, 200.0, 250.0)
+CLASS_LEVELS = (255.0, 55.0, 5.0)
 """Red value of background and of classes 1 and 2."""
 
 CLASSES = (
@@ -35,15 +36,19 @@ def draw_ellipses(
     rng = np.random.default_rng(seed)
     inst = np.zeros(shape, np.int32)
     classes = [0]
+    span = int(np.ceil(radius[1])) + 2
     for _ in range(n * 4):
         if len(classes) > n:
             break
-        cy, cx = rng.uniform(12, shape[0] - 12), rng.uniform(12, shape[1] - 12)
+        cy, cx = round(rng.uniform(12, shape[0] - 12)), round(rng.uniform(12, shape[1] - 12))
         ay, ax = rng.uniform(*radius), rng.uniform(*radius)
-        mask = np.zeros(shape, np.uint8)
-        cv2.ellipse(mask, (round(cx), round(cy)), (round(ax), round(ay)),
-                    float(rng.uniform(0, 180)), 0, 360, 1, -1)
-        ys, xs = np.nonzero(mask)
+        angle = float(rng.uniform(0, 180))
+        # Draw in a small window around the centre: the full image per ellipse is too slow.
+        r0, c0 = max(cy - span, 0), max(cx - span, 0)
+        window = np.zeros((min(cy + span, shape[0]) - r0, min(cx + span, shape[1]) - c0), np.uint8)
+        cv2.ellipse(window, (cx - c0, cy - r0), (round(ax), round(ay)), angle, 0, 360, 1, -1)
+        ys, xs = np.nonzero(window)
+        ys, xs = ys + r0, xs + c0
         if len(ys) < 30 or inst[ys, xs].any():
             continue
         label = len(classes)
@@ -54,9 +59,14 @@ def draw_ellipses(
 
 def hv_maps(inst: np.ndarray) -> np.ndarray:
     """(2, H, W) float32 horizontal/vertical distances to each instance's centre, in −1..1."""
+    from scipy import ndimage
+
     hv = np.zeros((2, *inst.shape), np.float32)
-    for label in np.unique(inst)[1:]:
-        ys, xs = np.nonzero(inst == label)
+    for index, window in enumerate(ndimage.find_objects(inst)):
+        if window is None:
+            continue
+        ys, xs = np.nonzero(inst[window] == index + 1)
+        ys, xs = ys + window[0].start, xs + window[1].start
         for axis, coord in ((0, xs), (1, ys)):
             d = coord - coord.mean()
             neg, pos = -d[d < 0].min(initial=0), d[d > 0].max(initial=0)
@@ -101,8 +111,8 @@ def build_oracle(path: Path, card: ModelCard | None = None) -> Path:
         helper.make_node("Slice", ["crop", "c0", "c1", "ch_axis"], ["red"]),
         helper.make_node("Slice", ["crop", "c1", "c3", "ch_axis"], ["greenblue"]),
         scalar("k255", 255.0), scalar("k127", 127.5), scalar("one", 1.0), scalar("k15", 15.0),
-        helper.make_node("Div", ["red", "k255"], ["np_raw"]),
-        helper.make_node("Clip", ["np_raw"], ["np_prob"]),
+        helper.make_node("Div", ["red", "k255"], ["red01"]),
+        helper.make_node("Sub", ["one", "red01"], ["np_prob"]),
         helper.make_node("Div", ["greenblue", "k127"], ["gb"]),
         helper.make_node("Sub", ["gb", "one"], ["hv"]),
     ]

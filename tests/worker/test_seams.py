@@ -6,8 +6,6 @@ so any loss or duplicate comes from the region plan, the halo or the merge.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import cv2
 import fsspec
 import numpy as np
