@@ -30,7 +30,18 @@ from worker.nuclei import NucleusTable
 from worker.plan import DEFAULT_HALO_UM, DEFAULT_REGION_SIZE, Box, Region, plan_regions
 from worker.read import ModelGrid, model_grid, read_model_box
 
-__all__ = ["InferenceOptions", "RunResult", "SlidePlan", "plan_slide", "run_slide"]
+__all__ = [
+    "InferenceOptions",
+    "PreparedSlide",
+    "RunResult",
+    "SlidePlan",
+    "class_counts",
+    "finalize",
+    "plan_slide",
+    "prepare_slide",
+    "process_region",
+    "run_slide",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -299,6 +310,82 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass
+class PreparedSlide:
+    """A planned slide: the plan plus what the final writers need (thumbnail, tissue, identity)."""
+
+    plan: SlidePlan
+    slide_info: dict[str, Any]
+    thumbnail: NDArray[np.uint8]
+    thumbnail_downsample: float
+    tissue_area_mm2: float
+
+
+def prepare_slide(slide_path: str | Path, card: ModelCard, options: InferenceOptions) -> PreparedSlide:
+    """Open a slide, find its tissue and plan its regions (raises SlideError for bad slides)."""
+    from worker.slide import open_slide
+
+    slide_path = Path(slide_path)
+    with open_slide(slide_path, mpp=options.mpp) as slide:
+        plan, tissue_mm2 = plan_slide(slide, card, options)
+        thumbnail, thumb_downsample = slide.thumbnail(max_side=2048)
+        slide_info = {
+            "name": slide_path.name, "format": slide.format, "shape": list(slide.shape),
+            "width": slide.shape[1], "height": slide.shape[0], "mpp": slide.mpp,
+            "levels": len(slide.level_shapes), "properties": dict(slide.properties),
+            "sha256": _sha256(slide_path) if slide_path.is_file() else None,
+        }
+    logger.info("slide %s: %d regions on the %dx%d model grid (%.4f µm/px, level %d)",
+                slide_path.name, len(plan.regions), plan.grid.shape[1], plan.grid.shape[0],
+                plan.grid.mpp, plan.grid.level)
+    return PreparedSlide(plan, slide_info, thumbnail, thumb_downsample, tissue_mm2)
+
+
+def process_region(plan: SlidePlan, region: Region, model: Model) -> NucleusTable:
+    """Read, infer and post-process one region in this process (the queue workers' unit of work)."""
+    image, _ = read_region(plan, region)
+    maps = predict_maps(model, image, region.maps.grow(plan.margin), region.maps,
+                        tile_wanted=plan.tile_wanted)
+    table, _ = postprocess_region(maps, region, plan, _postprocess_options(model.card))
+    return table
+
+
+def finalize(
+    prepared: PreparedSlide,
+    tables: list[NucleusTable],
+    *,
+    fs,
+    root: str,
+    card: ModelCard,
+    parameters: dict[str, Any],
+    timings: dict[str, float],
+) -> tuple[NucleusTable, dict[str, str]]:
+    """Merge region tables (settling seams) and write every output under ``root``."""
+    from worker.writers import write_all
+
+    plan = prepared.plan
+    start = time.perf_counter()
+    table = resolve_seams(NucleusTable.concat(tables), plan.regions, plan.grid)
+    timings["merge"] = time.perf_counter() - start
+    outputs = write_all(
+        table, fs=fs, root=root, card=card, slide_info=prepared.slide_info,
+        thumbnail=prepared.thumbnail, thumbnail_downsample=prepared.thumbnail_downsample,
+        tissue_area_mm2=prepared.tissue_area_mm2,
+        parameters={**parameters, "regions": len(plan.regions), "model_grid_mpp": plan.grid.mpp,
+                    "pyramid_level": plan.grid.level},
+        timings=timings, seed=prepared.slide_info.get("sha256") or prepared.slide_info["name"],
+    )
+    return table, outputs
+
+
+def class_counts(table: NucleusTable, card: ModelCard) -> dict[str, int]:
+    """Nuclei per class name (``Nucleus`` for an untyped model)."""
+    if not card.typed:
+        return {"Nucleus": len(table)}
+    counts = table.counts(len(card.classes))
+    return {c.name: int(counts[i]) for i, c in enumerate(card.classes) if i > 0}
+
+
 def run_slide(
     slide_path: str | Path,
     *,
@@ -313,34 +400,21 @@ def run_slide(
     ``on_plan(plan)`` is called once the regions are known; ``on_region(done, total, nuclei)``
     after each region.
     """
-    from worker.slide import open_slide
-    from worker.writers import write_all
-
     t0 = time.perf_counter()
-    timings = {"open": 0.0, "plan": 0.0, "read": 0.0, "infer": 0.0, "postprocess": 0.0,
+    timings = {"load_model": 0.0, "plan": 0.0, "read": 0.0, "infer": 0.0, "postprocess": 0.0,
                "merge": 0.0, "write": 0.0}
     model = load_model(options.model, device=options.device, batch_size=options.batch_size)
-    slide_path = Path(slide_path)
-    with open_slide(slide_path, mpp=options.mpp) as slide:
-        timings["open"] = time.perf_counter() - t0
-        start = time.perf_counter()
-        plan, tissue_mm2 = plan_slide(slide, model.card, options)
-        thumbnail, thumb_downsample = slide.thumbnail(max_side=2048)
-        slide_info = {
-            "name": slide_path.name, "format": slide.format, "shape": list(slide.shape),
-            "width": slide.shape[1], "height": slide.shape[0], "mpp": slide.mpp,
-            "levels": len(slide.level_shapes), "properties": dict(slide.properties),
-            "sha256": _sha256(slide_path) if slide_path.is_file() else None,
-        }
-        timings["plan"] = time.perf_counter() - start
-    logger.info("slide %s: %d regions on the %dx%d model grid (%.4f µm/px, level %d)",
-                slide_path.name, len(plan.regions), plan.grid.shape[1], plan.grid.shape[0],
-                plan.grid.mpp, plan.grid.level)
+    timings["load_model"] = time.perf_counter() - t0
+    start = time.perf_counter()
+    prepared = prepare_slide(slide_path, model.card, options)
+    plan = prepared.plan
+    timings["plan"] = time.perf_counter() - start
     if on_plan is not None:
         on_plan(plan)
     executor = _Executor(min(options.workers, max(1, len(plan.regions))))
     tables: list[NucleusTable] = []
     nuclei = 0
+    start = time.perf_counter()
     try:
         for done, table in enumerate(
             _iterate_regions(plan, model, executor, prefetch=max(1, options.workers),
@@ -353,24 +427,11 @@ def run_slide(
                 on_region(done, len(plan.regions), nuclei)
     finally:
         executor.close()
+    timings["regions_wall"] = time.perf_counter() - start
     start = time.perf_counter()
-    table = resolve_seams(NucleusTable.concat(tables), plan.regions, plan.grid)
-    timings["merge"] = time.perf_counter() - start
-    timings["total_before_write"] = time.perf_counter() - t0
-    start = time.perf_counter()
-    outputs = write_all(
-        table, fs=fs, root=root, card=model.card, slide_info=slide_info, thumbnail=thumbnail,
-        thumbnail_downsample=thumb_downsample, tissue_area_mm2=tissue_mm2,
-        parameters={**options.parameters(), "regions": len(plan.regions),
-                    "model_grid_mpp": plan.grid.mpp, "pyramid_level": plan.grid.level},
-        timings=timings, seed=slide_info["sha256"] or slide_path.name,
-    )
-    timings["write"] = time.perf_counter() - start
+    table, outputs = finalize(prepared, tables, fs=fs, root=root, card=model.card,
+                              parameters=options.parameters(), timings=timings)
+    timings["write"] = time.perf_counter() - start - timings["merge"]
     timings["total"] = time.perf_counter() - t0
-    classes = [c.name for c in model.card.classes[1:]] or ["Nucleus"]
-    counts_arr = table.counts(len(classes) + 1)
-    counts = (
-        {name: int(counts_arr[i + 1]) for i, name in enumerate(classes)}
-        if model.card.typed else {"Nucleus": len(table)}
-    )
-    return RunResult(table, model.card, plan, outputs, timings, tissue_mm2, counts)
+    return RunResult(table, model.card, plan, outputs, timings, prepared.tissue_area_mm2,
+                     class_counts(table, model.card))
