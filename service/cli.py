@@ -189,10 +189,22 @@ def _cmd_model_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from models.evaluate import evaluate_files
+    from rich.console import Console
+    from rich.table import Table
+
+    from models.evaluate import evaluate_files, summary_tables
 
     result = evaluate_files(args.pred, args.gt, radius=args.radius, mpp=args.mpp)
-    print(json.dumps(result, indent=2))
+    console = Console()
+    for title, header, rows in summary_tables(result):
+        table = Table(title=title)
+        for name in header:
+            table.add_column(name)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
 
@@ -251,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("gt", help=".npz (inst[, type_map]) or label image")
     p.add_argument("--radius", type=_positive_float, help="detection radius, pixels")
     p.add_argument("--mpp", type=_positive_float, help="µm/px (sets the default radius)")
+    p.add_argument("--json", help="also write every metric to this JSON file")
     p.set_defaults(func=_cmd_evaluate)
 
     for register in _EXTRA_COMMANDS:

@@ -67,6 +67,8 @@ class ConicNet(nn.Module):
         Channels of the four decoder levels (strides 8, 4, 2, 1).
     head_width : int
         Channels of each head's hidden convolution.
+    stem_convs : int
+        Full-resolution conv-BN-ReLU layers in the stem (the costliest layers per channel).
     margin : int
         Pixels cut from each side of every output (output side = input side - 2 * margin).
     """
@@ -76,10 +78,11 @@ class ConicNet(nn.Module):
         n_classes: int = 5,
         *,
         stem_width: int = 16,
-        widths: Sequence[int] = (32, 64, 96, 160),
-        depths: Sequence[int] = (1, 2, 2, 1),
-        decoder_widths: Sequence[int] = (96, 64, 32, 24),
-        head_width: int = 24,
+        widths: Sequence[int] = (24, 48, 96, 160),
+        depths: Sequence[int] = (1, 1, 2, 1),
+        decoder_widths: Sequence[int] = (96, 48, 24, 16),
+        head_width: int = 16,
+        stem_convs: int = 1,
         margin: int = 0,
     ) -> None:
         super().__init__()
@@ -97,7 +100,9 @@ class ConicNet(nn.Module):
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
 
-        self.stem = nn.Sequential(conv_bn_relu(3, stem_width), conv_bn_relu(stem_width, stem_width))
+        stem = [conv_bn_relu(3, stem_width)]
+        stem += [conv_bn_relu(stem_width, stem_width) for _ in range(stem_convs - 1)]
+        self.stem = nn.Sequential(*stem)
         stages: list[nn.Module] = []
         in_ch = stem_width
         for width, depth in zip(widths, depths, strict=True):
