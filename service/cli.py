@@ -212,6 +212,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import service.commands  # noqa: F401  (registers serve/worker/submit/key)
+
     parser = argparse.ArgumentParser(
         prog="hoverserve",
         description="Nuclear instance segmentation and classification of whole-slide images.",

@@ -24,7 +24,8 @@ per-instance measurements from bincounts plus one small crop per nucleus.
 
 Constants scale with resolution. With ``s = 0.25 / mpp`` (so ``s = 1`` at 40×, ``0.5`` at 20×):
 
-* Sobel kernel = nearest odd integer to ``20·s + 1``, clipped to [3, 31] (OpenCV's limit);
+* Sobel kernel = nearest odd integer to ``20·s + 1`` (halves round up), clipped to [3, 31]
+  (OpenCV's limit);
 * ``min_size`` = ``ceil(10·s²)``, at least 1, for both foreground components and markers;
 * opening ellipse = nearest odd integer to ``5·s`` (halves round up), at least 3;
 * the 3×3 Gaussian is not scaled (as in TIAToolbox).
@@ -64,6 +65,7 @@ _SOBEL_KSIZE = 21
 _MIN_SIZE = 10
 _OPENING = 5
 _MAX_SOBEL_KSIZE = 31  # the largest aperture cv2.Sobel accepts
+_MAX_TYPES = 256  # bounds the (nuclei × types) vote table
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +147,8 @@ def _as_float32(arr: NDArray) -> NDArray[np.float32]:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def _check_types(types: object, shape: tuple[int, int]) -> NDArray[np.intp] | None:
-    """Per-pixel type index (H, W), or None when untyped."""
+def _check_types(types: object, shape: tuple[int, int]) -> NDArray | None:
+    """The validated (H, W) type indices or (C, H, W) type probabilities, or None (untyped)."""
     if types is None:
         return None
     arr = np.asarray(types)
@@ -158,13 +160,17 @@ def _check_types(types: object, shape: tuple[int, int]) -> NDArray[np.intp] | No
                 f"types as an (H, W) map must be integer class indices, got dtype {arr.dtype} "
                 f"(shape {arr.shape}); pass (C, H, W) probabilities instead"
             )
-        if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
-            raise ValueError(f"types (H, W) must be >= 0, got a minimum of {arr.min()}")
+        low, high = int(arr.min()), int(arr.max())
+        if low < 0 or high >= _MAX_TYPES:
+            raise ValueError(
+                f"types (H, W) must be >= 0 and < {_MAX_TYPES}, got values {low}..{high}"
+            )
         return arr
     if arr.ndim == 3:
-        if arr.shape[1:] != shape or arr.shape[0] < 1:
+        if arr.shape[1:] != shape or not 1 <= arr.shape[0] <= _MAX_TYPES:
             raise ValueError(
-                f"types (C, H, W) must have H, W = {shape} and C >= 1, got shape {arr.shape}"
+                f"types (C, H, W) must have H, W = {shape} and 1 <= C <= {_MAX_TYPES}, "
+                f"got shape {arr.shape}"
             )
         _check_map("types", arr, 3)
         return arr
@@ -176,8 +182,9 @@ def _check_types(types: object, shape: tuple[int, int]) -> NDArray[np.intp] | No
 
 def _minmax32(image: NDArray) -> NDArray[np.float32]:
     """cv2's NORM_MINMAX to [0, 1] as float32 (a constant map becomes all zeros)."""
-    return cv2.normalize(image, None, alpha=0, beta=1, norm_type=cv2.NORM_MINMAX,
-                         dtype=cv2.CV_32F)
+    out = np.empty(image.shape, np.float32)
+    cv2.normalize(image, out, alpha=0, beta=1, norm_type=cv2.NORM_MINMAX, dtype=cv2.CV_32F)
+    return out
 
 
 def _drop_small(labels: NDArray[np.int32], min_size: int) -> NDArray[np.int32]:
@@ -218,9 +225,10 @@ def _overall(hv: NDArray[np.float32], fg: NDArray[np.bool_], ksize: int) -> NDAr
 def _energy(overall: NDArray[np.float32], fg: NDArray[np.bool_]) -> NDArray[np.float64]:
     # Official: (1.0 - overall) * blb with overall promoted to float64 by the int32 mask, then a
     # 3×3 Gaussian (sigma from the size) on float64. Same values, same dtype here.
-    dist = np.zeros(overall.shape, np.float64)
-    np.subtract(1.0, overall, out=dist, where=fg, dtype=np.float64)
-    dist = cv2.GaussianBlur(dist, (3, 3), 0)
+    raw = np.zeros(overall.shape, np.float64)
+    np.subtract(1.0, overall, out=raw, where=fg, dtype=np.float64)
+    dist = np.empty_like(raw)
+    cv2.GaussianBlur(raw, (3, 3), 0, dst=dist)
     np.negative(dist, out=dist)
     return dist
 
@@ -240,11 +248,11 @@ def _markers(
     min_size: int,
 ) -> NDArray[np.int32]:
     # The official threshold compares float64 (promoted) values against a Python float.
-    marker = fg & (overall < np.float64(threshold))
-    marker = _fill_holes(marker.view(np.uint8))
+    seeds = fg & (overall < np.float64(threshold))
+    filled = _fill_holes(seeds.view(np.uint8))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (opening, opening))
-    marker = cv2.morphologyEx(marker, cv2.MORPH_OPEN, kernel)
-    labels, _ = ndimage.label(marker)
+    opened = np.asarray(cv2.morphologyEx(filled, cv2.MORPH_OPEN, kernel), np.uint8)
+    labels, _ = ndimage.label(opened)
     return _drop_small(labels.astype(np.int32, copy=False), min_size)
 
 
@@ -258,8 +266,8 @@ def _bounding_slices(fg: NDArray[np.bool_]) -> tuple[slice, slice] | None:
 
 def _watershed(
     energy: NDArray[np.float64], markers: NDArray[np.int32], fg: NDArray[np.bool_]
-) -> NDArray[np.int32]:
-    """Marker watershed restricted to ``fg``, run on the foreground's bounding box.
+) -> tuple[NDArray[np.int32], int]:
+    """Marker watershed restricted to ``fg``, run on the foreground's bounding box; ids 1..n.
 
     Cropping keeps the raster order of every masked pixel and every 4-neighbourship between
     them, so skimage's priority flood visits them in the same order: the result is identical to
@@ -268,9 +276,10 @@ def _watershed(
     out = np.zeros(fg.shape, np.int32)
     box = _bounding_slices(fg)
     if box is None or not markers[box].any():
-        return out
-    out[box] = watershed(energy[box], markers=markers[box], mask=fg[box])
-    return out
+        return out, 0
+    flooded = watershed(energy[box], markers=markers[box], mask=fg[box])
+    out[box], n = _consecutive(flooded)
+    return out, n
 
 
 def _consecutive(labels: NDArray[np.int32]) -> tuple[NDArray[np.int32], int]:
@@ -299,7 +308,7 @@ def _instance_labels(
     energy = _energy(overall, fg)
     markers = _markers(overall, fg, marker_threshold, constants.opening, constants.min_size)
     del overall
-    return _consecutive(_watershed(energy, markers, fg))
+    return _watershed(energy, markers, fg)
 
 
 # --------------------------------------------------------------------------- measurements
@@ -335,7 +344,7 @@ _PIXEL_CORNERS = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]], 
 def _pixel_corner_hull(contour: NDArray[np.int32]) -> NDArray[np.float32]:
     """Convex hull of the pixel squares whose centres are ``contour`` (x, y)."""
     corners = contour.astype(np.float32)[:, None, :] + _PIXEL_CORNERS
-    return cv2.convexHull(corners.reshape(-1, 2)).reshape(-1, 2)
+    return np.asarray(cv2.convexHull(corners.reshape(-1, 2)), np.float32).reshape(-1, 2)
 
 
 def _outer_contour(mask: NDArray[np.uint8]) -> NDArray[np.int32]:
@@ -343,8 +352,8 @@ def _outer_contour(mask: NDArray[np.uint8]) -> NDArray[np.int32]:
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if len(contours) > 1:
         sizes = [cv2.contourArea(c) + len(c) for c in contours]
-        return contours[int(np.argmax(sizes))].reshape(-1, 2)
-    return contours[0].reshape(-1, 2)
+        return np.asarray(contours[int(np.argmax(sizes))], np.int32).reshape(-1, 2)
+    return np.asarray(contours[0], np.int32).reshape(-1, 2)
 
 
 def _shape(
@@ -356,12 +365,15 @@ def _shape(
     x0, y0 = origin
     centroid = (m["m10"] / area + x0, m["m01"] / area + y0)
     contour = _outer_contour(mask)
-    hull = _pixel_corner_hull(contour)
-    solidity = min(1.0, area / cv2.contourArea(hull))
+    hull = np.asarray(cv2.convexHull(contour), np.int32).reshape(-1, 2)
+    # Convex hull of the pixel *squares*: the centres' hull grown by the unit square adds the
+    # hull's x and y extents plus 1 to its area (exact, and 1 for a single pixel).
+    extent_x, extent_y = np.ptp(hull, axis=0)
+    solidity = min(1.0, area / (cv2.contourArea(hull) + extent_x + extent_y + 1.0))
     # One- or two-pixel-wide shapes have a degenerate centre-line contour (under 3 vertices or
     # zero area); the hull of their pixel squares is a proper polygon.
     degenerate = len(contour) < 3 or cv2.contourArea(contour) == 0
-    polygon = hull.copy() if degenerate else contour.astype(np.float32)
+    polygon = _pixel_corner_hull(hull) if degenerate else contour.astype(np.float32)
     polygon[:, 0] += x0
     polygon[:, 1] += y0
     perimeter = cv2.arcLength(polygon, closed=True)
@@ -384,11 +396,10 @@ def _measure(
     flat_index = np.flatnonzero(labels)
     inst = labels.ravel()[flat_index].astype(np.intp)
     area = np.bincount(inst, minlength=n + 1)
-    if np_prob is None:
-        mean_prob = np.ones(n + 1)
-    else:
-        mean_prob = np.bincount(inst, np_prob.ravel()[flat_index], minlength=n + 1)
-        mean_prob /= np.maximum(area, 1)
+    mean_prob = np.ones(n + 1)
+    if np_prob is not None:
+        prob_sum = np.bincount(inst, np_prob.ravel()[flat_index], minlength=n + 1)
+        mean_prob = prob_sum / np.maximum(area, 1)
     if types is None:
         kind, kind_prob = np.zeros(n + 1, np.intp), np.ones(n + 1)
     else:
@@ -504,6 +515,23 @@ def hover_instances(
     ------
     ValueError
         On a wrong shape, a non-numeric dtype, NaN/inf values or a bad option.
+
+    Notes
+    -----
+    Per nucleus, in the maps' pixel coordinates:
+
+    * centroid: mean (x, y) of its pixels (``cv2.moments``, as the official code);
+    * bbox: (x_min, y_min, x_max, y_max), half-open; area: pixel count;
+    * contour: OpenCV's outer contour through boundary pixel centres (``CHAIN_APPROX_SIMPLE``),
+      as the official code. A nucleus one or two pixels wide, whose contour has under 3 vertices
+      or no area, gets the convex hull of its pixel squares instead. Thin 1-px parts make
+      OpenCV contours retrace themselves: exporters must still make polygons valid. A nucleus in
+      several pieces (rare) keeps the largest piece's contour (the official code keeps the
+      last-found piece);
+    * perimeter: length of that closed contour;
+    * solidity: area over the area of the convex hull of its pixel squares (1 for a rectangle);
+    * eccentricity: of the ellipse with the same second moments (skimage's definition);
+    * type / type_prob: the official vote and the fraction of pixels voting for the winner.
     """
     np_arr = _check_map("np_prob", np_prob, 2)
     hv_arr = _check_map("hv", hv, 3)

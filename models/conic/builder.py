@@ -11,12 +11,12 @@ __all__ = ["BUILDERS", "build_conic", "build_conic_small", "build_conic_tiny"]
 
 
 def build_conic(n_classes: int = 5, **overrides: Any) -> ConicNet:
-    """The default HoVerServe model: about 1.8 M parameters, ~4 GMAC per 256 x 256 patch."""
+    """The default HoVerServe model (see docs/model-card.md for its size and speed)."""
     options: dict[str, Any] = {
         "stem_width": 16,
-        "widths": (32, 64, 128, 192),
-        "depths": (1, 2, 2, 1),
-        "decoder_widths": (96, 64, 32, 16),
+        "widths": (24, 48, 96, 160),
+        "depths": (1, 1, 2, 1),
+        "decoder_widths": (96, 48, 24, 16),
         "head_width": 16,
         "stem_convs": 1,
     }
@@ -25,13 +25,13 @@ def build_conic(n_classes: int = 5, **overrides: Any) -> ConicNet:
 
 
 def build_conic_small(n_classes: int = 5, **overrides: Any) -> ConicNet:
-    """A lighter variant (about 1.2 M parameters) for slow CPUs."""
+    """A lighter variant for slow CPUs."""
     options: dict[str, Any] = {
-        "stem_width": 16,
-        "widths": (24, 48, 96, 160),
-        "depths": (1, 1, 2, 1),
-        "decoder_widths": (96, 48, 24, 16),
-        "head_width": 16,
+        "stem_width": 12,
+        "widths": (16, 32, 64, 128),
+        "depths": (1, 1, 1, 1),
+        "decoder_widths": (64, 32, 16, 12),
+        "head_width": 12,
         "stem_convs": 1,
     }
     options.update(overrides)

@@ -38,15 +38,19 @@ class _Head(nn.Sequential):
 
 
 class _DecoderLevel(nn.Module):
-    """Upsample x2, concatenate the skip, two conv-BN-ReLU, coordinate attention."""
+    """1x1 reduce, upsample x2, concatenate the skip, 3x3 conv-BN-ReLU, coordinate attention.
+
+    Reducing channels before upsampling keeps the costly full-resolution convolution narrow.
+    """
 
     def __init__(self, in_ch: int, skip_ch: int, out_ch: int) -> None:
         super().__init__()
-        self.fuse = nn.Sequential(conv_bn_relu(in_ch + skip_ch, out_ch), conv_bn_relu(out_ch, out_ch))
+        self.reduce = conv_bn_relu(in_ch, out_ch, kernel=1)
+        self.fuse = conv_bn_relu(out_ch + skip_ch, out_ch)
         self.attention = CoordAttention(out_ch)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        x = F.interpolate(self.reduce(x), scale_factor=2.0, mode="bilinear", align_corners=False)
         return self.attention(self.fuse(torch.cat([x, skip], dim=1)))
 
 

@@ -64,8 +64,14 @@ def random_crop_transform(
     corners = np.array([[-half, -half], [half, -half], [-half, half], [half, half]]).T
     extent = np.abs(linear @ corners).max(axis=1)  # (x, y) half-extent of the footprint
     room = np.array([(width - 1) / 2.0, (height - 1) / 2.0])
+    if (extent > room).any():
+        # too little room to rotate (e.g. a patch barely larger than the crop): drop rotation and
+        # shear rather than zooming in further, which would bias nucleus sizes
+        linear = np.eye(2) / zoom
+        extent = np.abs(linear @ corners).max(axis=1)
     shrink = min(1.0, float((room / np.maximum(extent, 1e-9)).min()))
     linear, extent = linear * shrink, extent * shrink
+    extent = np.minimum(extent, room)  # rounding can leave it a hair above
     centre = np.array([rng.uniform(extent[0], width - 1 - extent[0]), rng.uniform(extent[1], height - 1 - extent[1])])
     offset = centre - linear @ np.array([half, half])
     return np.hstack([linear, offset[:, None]])

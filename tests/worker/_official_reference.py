@@ -31,8 +31,8 @@ def _drop_small(labels: NDArray[np.int32], min_size: int) -> NDArray[np.int32]:
 
 
 def _minmax32(image: NDArray) -> NDArray[np.float32]:
-    return cv2.normalize(image, None, alpha=0, beta=1, norm_type=cv2.NORM_MINMAX,
-                         dtype=cv2.CV_32F)
+    return np.asarray(cv2.normalize(image, None, alpha=0, beta=1,  # type: ignore[call-overload]
+                                    norm_type=cv2.NORM_MINMAX, dtype=cv2.CV_32F))
 
 
 def reference_labels(
@@ -65,14 +65,14 @@ def reference_labels(
     overall[overall < 0] = 0
 
     dist = (1.0 - overall) * blb
-    dist = -cv2.GaussianBlur(dist, (3, 3), 0)
+    dist = -np.asarray(cv2.GaussianBlur(dist, (3, 3), 0), np.float64)
 
     overall = np.array(overall >= marker_threshold, dtype=np.int32)
     marker = blb - overall
     marker[marker < 0] = 0
     marker = ndimage.binary_fill_holes(marker).astype(np.uint8)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (opening, opening))
-    marker = cv2.morphologyEx(marker, cv2.MORPH_OPEN, kernel)
+    marker = np.asarray(cv2.morphologyEx(marker, cv2.MORPH_OPEN, kernel))
     marker = ndimage.label(marker)[0]
     marker = _drop_small(marker, min_size)
 

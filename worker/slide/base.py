@@ -10,6 +10,8 @@ from __future__ import annotations
 import abc
 import logging
 import math
+from collections import OrderedDict
+from collections.abc import Hashable
 from pathlib import Path
 from types import TracebackType
 
@@ -20,11 +22,13 @@ from numpy.typing import NDArray
 from worker.errors import MissingResolution
 
 __all__ = [
+    "CHUNK_CACHE_BYTES",
     "MAX_CHUNK_BYTES",
     "MAX_MPP",
     "MAX_READ_PIXELS",
     "MAX_UNTILED_PIXELS",
     "MIN_MPP",
+    "ChunkCache",
     "Slide",
     "check_user_mpp",
     "composite_on_white",
@@ -48,6 +52,10 @@ region by region, so a larger one has to be converted to a tiled pyramid first."
 MAX_CHUNK_BYTES = 64 * 1024 * 1024
 """Largest decoded tile, strip or frame we accept, bytes: a header claiming bigger ones is either
 damaged or would need a huge allocation for every small read."""
+
+CHUNK_CACHE_BYTES = 128 * 1024 * 1024
+"""Decoded tiles, strips or frames a reader keeps for neighbouring reads (region halos overlap),
+bytes per open slide."""
 
 MAX_READ_PIXELS = 1 << 28
 """Largest region one :meth:`Slide.read` call may ask for, pixels (768 MiB of RGB)."""
@@ -128,7 +136,7 @@ def resolve_mpp(
     metadata = plausible_mpp(found)
     if metadata is not None:
         return metadata, "metadata"
-    detail = "" if found is None else f" ({what} says {found:.4g} µm/px, not a microscope value)"
+    detail = "" if found is None else f" ({found:.4g} µm/px there is not a microscope value)"
     raise MissingResolution(
         f"{path} has no resolution in {what}{detail}; pass --mpp (µm per pixel, "
         "e.g. --mpp 0.25 for 40×, 0.5 for 20×)"
@@ -159,6 +167,44 @@ def composite_on_white(pixels: NDArray[np.uint8]) -> NDArray[np.uint8]:
     # Integer rounding of rgb * a / 255 + 255 * (255 - a) / 255.
     out = (rgb * a + _WHITE * (_WHITE - a) + 127) // _WHITE
     return out.astype(np.uint8)
+
+
+class ChunkCache:
+    """Decoded chunks (tiles, strips, frames) by key, bounded in bytes; least recently used go
+    first, but the newest is always kept (so one oversized strip is decoded once, not per read)."""
+
+    def __init__(self, max_bytes: int = CHUNK_CACHE_BYTES) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[Hashable, NDArray[np.uint8]] = OrderedDict()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Hashable) -> NDArray[np.uint8] | None:
+        """The cached chunk for ``key``, or ``None``."""
+        chunk = self._items.get(key)
+        if chunk is not None:
+            self._items.move_to_end(key)
+        return chunk
+
+    def put(self, key: Hashable, chunk: NDArray[np.uint8]) -> None:
+        """Keep ``chunk`` under ``key``, evicting the oldest entries beyond the byte budget."""
+        previous = self._items.pop(key, None)
+        if previous is not None:
+            self._bytes -= previous.nbytes
+        self._items[key] = chunk
+        self._bytes += chunk.nbytes
+        while self._bytes > self.max_bytes and len(self._items) > 1:
+            _, dropped = self._items.popitem(last=False)
+            self._bytes -= dropped.nbytes
+
+    def clear(self) -> None:
+        """Drop every chunk."""
+        self._items.clear()
+        self._bytes = 0
 
 
 def _check_int(name: str, value: object) -> int:
@@ -354,7 +400,8 @@ class Slide(abc.ABC):
         pixels = self.read(level, row=row0, col=col0, height=row1 - row0, width=col1 - col0)
         if pixels.shape[:2] == (r1 - r0, c1 - c0):
             return pixels
-        return cv2.resize(pixels, (c1 - c0, r1 - r0), interpolation=cv2.INTER_AREA)
+        resized = cv2.resize(pixels, (c1 - c0, r1 - r0), interpolation=cv2.INTER_AREA)
+        return np.asarray(resized, dtype=np.uint8)
 
     def close(self) -> None:  # noqa: B027 - readers without resources need not override it
         """Release the file handles (idempotent)."""

@@ -21,7 +21,6 @@ logger = logging.getLogger(__name__)
 _PROPERTY_NAMES = {
     "vendor": openslide.PROPERTY_NAME_VENDOR,
     "objective_power": openslide.PROPERTY_NAME_OBJECTIVE_POWER,
-    "comment": openslide.PROPERTY_NAME_COMMENT,
 }
 
 

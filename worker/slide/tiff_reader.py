@@ -12,7 +12,6 @@ import math
 import re
 import struct
 import xml.etree.ElementTree as ET
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from worker.errors import NotRGBSlide, UnsupportedSlide
 from worker.slide.base import (
     MAX_CHUNK_BYTES,
     MAX_UNTILED_PIXELS,
+    ChunkCache,
     Slide,
     composite_on_white,
     resolve_mpp,
@@ -33,17 +33,14 @@ __all__ = ["TiffInfo", "TiffSlide", "inspect_tiff"]
 
 logger = logging.getLogger(__name__)
 
-_CACHE_BYTES = 128 * 1024 * 1024
-"""Decoded chunks kept per open slide, bytes (the most recent chunk is always kept)."""
-
 _RGB_PHOTOMETRICS = (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
 
 # µm per resolution unit (TIFF ResolutionUnit tag).
-_UM_PER_UNIT = {
-    tifffile.RESUNIT.INCH: 25_400.0,
-    tifffile.RESUNIT.CENTIMETER: 10_000.0,
-    tifffile.RESUNIT.MILLIMETER: 1_000.0,
-    tifffile.RESUNIT.MICROMETER: 1.0,
+_UM_PER_UNIT: dict[int, float] = {
+    int(tifffile.RESUNIT.INCH): 25_400.0,
+    int(tifffile.RESUNIT.CENTIMETER): 10_000.0,
+    int(tifffile.RESUNIT.MILLIMETER): 1_000.0,
+    int(tifffile.RESUNIT.MICROMETER): 1.0,
 }
 
 # µm per OME length unit (PhysicalSizeXUnit; the default is µm).
@@ -233,8 +230,9 @@ def _svs_mpp(page: tifffile.TiffPage) -> float | None:
 
 
 def _tag_mpp(page: tifffile.TiffPage) -> float | None:
-    unit = page.resolutionunit
-    if unit not in _UM_PER_UNIT:
+    unit = int(page.resolutionunit)
+    # Without the tags tifffile reports TIFF's default (1 px per inch): no information.
+    if "XResolution" not in page.tags or unit not in _UM_PER_UNIT:
         return None
     try:
         x_res, y_res = page.get_resolution()
@@ -251,8 +249,7 @@ class TiffSlide(Slide):
 
     def __init__(self, path: Path, *, mpp: float | None = None) -> None:
         self._tif: tifffile.TiffFile | None = _open_tiff(path)
-        self._cache: OrderedDict[tuple[int, int], NDArray[np.uint8]] = OrderedDict()
-        self._cache_bytes = 0
+        self._cache = ChunkCache()
         try:
             self._setup(path, self._tif, mpp)
         except BaseException:
@@ -263,18 +260,21 @@ class TiffSlide(Slide):
         series = tif.series[0]
         _check_rgb(path, series)
         self._pages: list[tifffile.TiffPage | tifffile.TiffFrame] = []
+        self._keyframes: list[tifffile.TiffPage] = []
         shapes: list[tuple[int, int]] = []
         for level in series.levels:
             page = level.pages[0]
-            if page is None:
+            keyframe = None if page is None else page.keyframe
+            if page is None or keyframe is None:
                 raise UnsupportedSlide(f"{path}: a pyramid level has no image data")
-            if (page.keyframe.tiledepth or 1) > 1:
+            if (keyframe.tiledepth or 1) > 1:
                 raise UnsupportedSlide(f"{path}: volumetric (tiled in depth) TIFFs are not supported")
             self._pages.append(page)
-            shapes.append((int(page.keyframe.imagelength), int(page.keyframe.imagewidth)))
+            self._keyframes.append(keyframe)
+            shapes.append((int(keyframe.imagelength), int(keyframe.imagewidth)))
         height0, width0 = shapes[0]
         downsamples = tuple((height0 / h + width0 / w) / 2 for h, w in shapes)
-        keyframe = self._pages[0].keyframe
+        keyframe = self._keyframes[0]
         if tif.is_ome:
             found, what = _ome_mpp(tif), "its OME-XML metadata"
         elif tif.is_svs:
@@ -299,7 +299,7 @@ class TiffSlide(Slide):
 
     def _grid(self, level: int) -> tuple[int, int, int]:
         """(chunk rows, chunk cols, chunks per row) of a level's tiles or strips."""
-        page = self._pages[level].keyframe
+        page = self._keyframes[level]
         if page.is_tiled:
             return (
                 int(page.tilelength),
@@ -311,22 +311,14 @@ class TiffSlide(Slide):
 
     def _chunk(self, level: int, index: int) -> NDArray[np.uint8]:
         """The decoded RGB chunk ``index`` (row-major tile or strip number) of ``level``."""
-        key = (level, index)
-        cached = self._cache.get(key)
-        if cached is not None:
-            self._cache.move_to_end(key)
-            return cached
-        chunk = self._decode_chunk(level, index)
-        self._cache[key] = chunk
-        self._cache_bytes += chunk.nbytes
-        while self._cache_bytes > _CACHE_BYTES and len(self._cache) > 1:
-            _, dropped = self._cache.popitem(last=False)
-            self._cache_bytes -= dropped.nbytes
-        return chunk
+        cached = self._cache.get((level, index))
+        if cached is None:
+            cached = self._decode_chunk(level, index)
+            self._cache.put((level, index), cached)
+        return cached
 
     def _decode_chunk(self, level: int, index: int) -> NDArray[np.uint8]:
-        page = self._pages[level]
-        keyframe = page.keyframe
+        page, keyframe = self._pages[level], self._keyframes[level]
         chunk_rows, chunk_cols, per_row = self._grid(level)
         height, width = self.level_shapes[level]
         top, left = (index // per_row) * chunk_rows, (index % per_row) * chunk_cols
@@ -337,7 +329,7 @@ class TiffSlide(Slide):
         out = np.full((rows, cols, samples), 255, dtype=np.uint8)
         for sample in range(samples if planar else 1):
             segment_index = sample * per_plane + index if planar else index
-            segment = self._decode_segment(page, segment_index)
+            segment = self._decode_segment(page, keyframe, segment_index)
             if segment is None:  # a sparse TIFF's missing chunk: background
                 continue
             segment = segment.reshape(segment.shape[-3:])[:rows, :cols]
@@ -348,11 +340,13 @@ class TiffSlide(Slide):
         return composite_on_white(out)
 
     def _decode_segment(
-        self, page: tifffile.TiffPage | tifffile.TiffFrame, index: int
+        self,
+        page: tifffile.TiffPage | tifffile.TiffFrame,
+        keyframe: tifffile.TiffPage,
+        index: int,
     ) -> NDArray[np.uint8] | None:
         if self._tif is None:
             raise ValueError(f"{self.path}: the slide is closed")
-        keyframe = page.keyframe
         offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
         try:
             if offset == 0 or count == 0:
@@ -386,7 +380,6 @@ class TiffSlide(Slide):
     def close(self) -> None:
         """Close the file and drop the chunk cache (idempotent)."""
         self._cache.clear()
-        self._cache_bytes = 0
         if self._tif is not None:
             self._tif.close()
             self._tif = None

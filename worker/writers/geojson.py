@@ -23,6 +23,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
@@ -36,6 +37,7 @@ from worker.writers._common import ClassTable, join, nucleus_ids, prepare_root, 
 
 __all__ = [
     "GEOJSON_NAME",
+    "GZIP_LEVEL",
     "INDEX_NAME",
     "MAX_PER_FILE",
     "MIN_AREA_PX",
@@ -64,6 +66,10 @@ DECIMALS = 2
 
 MEASUREMENT_DECIMALS = 4
 """Measurements are rounded so float32 noise (0.8799999952316284) is not written."""
+
+GZIP_LEVEL = 3
+"""gzip level of the GeoJSON files: level 6 is ~10 % smaller but takes twice the CPU time
+(measured on 200k nuclei: 45 MB in 3.5 s vs 41 MB in 6.1 s)."""
 
 _BLOCK = 4096
 """Features formatted per write call: bounds memory to a few MB whatever the slide."""
@@ -157,6 +163,30 @@ def _repair(polygon: shapely.Polygon, width: float, height: float,
     return None
 
 
+def _splice(
+    closed: NDArray[np.float64],
+    offsets: NDArray[np.int64],
+    good: NDArray[np.bool_],
+    repaired: dict[int, NDArray[np.float64]],
+) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+    """Rings kept (``good``) with the ``repaired`` ones put in their place, in ring order, using
+    one slice per run of untouched rings rather than one array per ring.
+
+    Returns the concatenated rings and the size of every ring (0 where dropped).
+    """
+    sizes = np.where(good, np.diff(offsets), 0)
+    keep_vertex = np.repeat(good, np.diff(offsets))
+    pieces, previous = [], 0
+    for j in sorted(repaired):
+        span = slice(offsets[previous], offsets[j])
+        pieces += [closed[span][keep_vertex[span]], repaired[j]]
+        sizes[j] = len(repaired[j])
+        previous = j + 1
+    span = slice(offsets[previous], offsets[-1])
+    pieces.append(closed[span][keep_vertex[span]])
+    return np.concatenate(pieces), sizes
+
+
 def clean_polygons(
     table: NucleusTable,
     *,
@@ -198,8 +228,7 @@ def clean_polygons(
     polygons = shapely.polygons(shapely.linearrings(closed, indices=ring_id))
     good = shapely.is_valid(polygons) & (shapely.area(polygons) >= min_area)
 
-    rings = np.split(closed, closed_offsets[1:-1]) if len(candidates) else []
-    repaired: list[int] = []
+    repaired: dict[int, NDArray[np.float64]] = {}  # ring index -> its repaired ring
     dropped: list[int] = np.flatnonzero(~is_candidate).tolist()
     for j in np.flatnonzero(~good).tolist():
         # Valid but (near) zero area: nothing to repair, the nucleus is degenerate.
@@ -207,13 +236,10 @@ def clean_polygons(
         if ring is None:
             dropped.append(int(candidates[j]))
         else:
-            repaired.append(int(candidates[j]))
-            rings[j] = ring
-            good[j] = True
+            repaired[j] = ring
+    coords, sizes = _splice(closed, closed_offsets, good, repaired)
+    good[list(repaired)] = True
     kept = np.flatnonzero(good)
-    out_rings = [rings[j] for j in kept.tolist()]
-    coords = np.concatenate(out_rings) if out_rings else np.zeros((0, 2), np.float64)
-    sizes = np.array([len(r) for r in out_rings], np.int64)
     if dropped:
         logger.info("GeoJSON: dropped %d degenerate nuclei polygons (rows %s%s)", len(dropped),
                     sorted(dropped)[:10], "..." if len(dropped) > 10 else "")
@@ -222,8 +248,8 @@ def clean_polygons(
     return CleanPolygons(
         rows=candidates[kept].astype(np.int64),
         coords=coords,
-        offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-        repaired=np.asarray(sorted(repaired), np.int64),
+        offsets=np.concatenate([[0], np.cumsum(sizes[kept])]).astype(np.int64),
+        repaired=candidates[sorted(repaired)].astype(np.int64),
         dropped=np.asarray(sorted(dropped), np.int64),
     )
 
@@ -243,17 +269,62 @@ def _measurement_columns(table: NucleusTable, typed: bool) -> list[tuple[str, ND
 
 def _measurement_texts(columns: list[tuple[str, NDArray]], rows: NDArray) -> list[str]:
     """``"name":value`` members per nucleus, NaN and infinities left out (QuPath wants numbers)."""
-    per_column = []
-    for name, column in columns:
-        values = np.round(np.asarray(column[rows], np.float64), MEASUREMENT_DECIMALS)
-        key = json.dumps(name, ensure_ascii=False)
-        per_column.append([f"{key}:{v!r}" if math.isfinite(v) else "" for v in values.tolist()])
+    keys = [json.dumps(name, ensure_ascii=False) for name, _ in columns]
+    values = [np.round(np.asarray(column[rows], np.float64), MEASUREMENT_DECIMALS)
+              for _, column in columns]
+    if all(np.isfinite(v).all() for v in values):  # the usual case: one format per nucleus
+        template = ",".join(f"{key}:%r" for key in keys)
+        return [template % members for members in zip(*(v.tolist() for v in values), strict=True)]
+    per_column = [[f"{key}:{v!r}" if math.isfinite(v) else "" for v in column.tolist()]
+                  for key, column in zip(keys, values, strict=True)]
     return [",".join(t for t in members if t) for members in zip(*per_column, strict=True)]
 
 
 def part_name(index: int) -> str:
     """Name of the ``index``-th (1-based) GeoJSON part: ``nuclei-part-001.geojson.gz``."""
     return f"nuclei-part-{index:03d}.geojson.gz"
+
+
+def _ring_text(coords: NDArray[np.float64], offsets: NDArray[np.int64]) -> tuple[str, list[int]]:
+    """JSON text ``[x,y],[x,y],...`` of each ring, built with array arithmetic, not per number.
+
+    ``coords`` are non-negative multiples of 0.01 (see :func:`_snap`). Each pair is laid out in a
+    fixed-width byte matrix (digits from integer division) and the characters not wanted — leading
+    zeros, a trailing zero decimal, the comma after a ring's last pair — are masked out, giving
+    the same text as Python's ``repr`` (``1000.0``, ``1000.5``, ``1000.25``) some ten times faster.
+
+    Returns
+    -------
+    text : str
+        All rings, concatenated.
+    bounds : list of int
+        Ring ``i`` is ``text[bounds[i]:bounds[i + 1]]``.
+    """
+    hundredths = np.rint(coords * 100.0).astype(np.int64)
+    whole, frac = np.divmod(hundredths, 100)
+    width = len(str(int(whole.max()))) if len(whole) else 1
+    powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
+    digits = (whole[..., None] // powers) % 10 + ord("0")  # (m, 2, width)
+    leading = whole[..., None] < powers
+    leading[..., -1] = False  # "0" keeps its units digit
+    m = len(coords)
+    step = width + 4  # digits, ".", two decimals, then "," or "]"
+    chars = np.empty((m, 2 * step + 2), np.uint8)
+    keep = np.ones(chars.shape, bool)
+    chars[:, 0] = ord("[")
+    for axis in (0, 1):
+        start = 1 + axis * step
+        chars[:, start : start + width] = digits[:, axis]
+        keep[:, start : start + width] = ~leading[:, axis]
+        chars[:, start + width] = ord(".")
+        chars[:, start + width + 1] = frac[:, axis] // 10 + ord("0")
+        chars[:, start + width + 2] = frac[:, axis] % 10 + ord("0")
+        keep[:, start + width + 2] = frac[:, axis] % 10 != 0
+        chars[:, start + width + 3] = ord("]" if axis else ",")
+    chars[:, -1] = ord(",")
+    keep[offsets[1:] - 1, -1] = False  # no comma after the last pair of a ring
+    per_pair = np.concatenate([[0], np.cumsum(keep.sum(axis=1))])
+    return chars[keep].tobytes().decode("ascii"), per_pair[offsets].tolist()
 
 
 class _FeatureFormatter:
@@ -273,18 +344,16 @@ class _FeatureFormatter:
     def block(self, lo: int, hi: int) -> str:
         p = self.polygons
         s0 = int(p.offsets[lo])
-        points = p.coords[s0 : int(p.offsets[hi])].tolist()
-        bounds = (p.offsets[lo : hi + 1] - s0).tolist()
+        text, bounds = _ring_text(p.coords[s0 : int(p.offsets[hi])], p.offsets[lo : hi + 1] - s0)
         measurements = _measurement_texts(self.columns, p.rows[lo:hi])
         classes = self.type_index[lo:hi].tolist()
-        dumps = json.JSONEncoder(separators=(",", ":")).encode
         texts = []
         for j in range(hi - lo):
             texts.append(
                 '{"type":"Feature","id":"' + self.ids[lo + j]
-                + '","geometry":{"type":"Polygon","coordinates":['
-                + dumps(points[bounds[j] : bounds[j + 1]])
-                + ']},"properties":{"objectType":"detection","classification":'
+                + '","geometry":{"type":"Polygon","coordinates":[['
+                + text[bounds[j] : bounds[j + 1]]
+                + ']]},"properties":{"objectType":"detection","classification":'
                 + self.class_json[classes[j]] + ',"measurements":{' + measurements[j] + "}}}"
             )
         return ",\n".join(texts)
@@ -295,12 +364,14 @@ def _write_part(fs: fsspec.AbstractFileSystem, path: str, formatter: _FeatureFor
     # mtime=0 and no file name in the gzip header: the same nuclei give the same bytes.
     with fs.open(path, "wb") as raw, gzip.GzipFile(
         filename="", mode="wb", fileobj=raw, compresslevel=compresslevel, mtime=0
-    ) as gz:
-        gz.write(b'{"type":"FeatureCollection","features":[\n')
+    ) as gz, ThreadPoolExecutor(1, thread_name_prefix="geojson-gzip") as pool:
+        # zlib releases the GIL: compressing block i overlaps formatting block i + 1.
+        pending = pool.submit(gz.write, b'{"type":"FeatureCollection","features":[\n')
         for start in range(lo, hi, _BLOCK):
-            if start > lo:
-                gz.write(b",\n")
-            gz.write(formatter.block(start, min(start + _BLOCK, hi)).encode("utf-8"))
+            data = formatter.block(start, min(start + _BLOCK, hi)).encode("utf-8")
+            pending.result()
+            pending = pool.submit(gz.write, (b",\n" if start > lo else b"") + data)
+        pending.result()
         gz.write(b"\n]}\n")
 
 
@@ -315,7 +386,7 @@ def write_geojson(
     max_per_file: int = MAX_PER_FILE,
     polygons: CleanPolygons | None = None,
     ids: Sequence[str] | None = None,
-    compresslevel: int = 6,
+    compresslevel: int = GZIP_LEVEL,
 ) -> list[str]:
     """Write the nuclei as QuPath detections (see the module docstring for the file layout).
 
@@ -341,7 +412,7 @@ def write_geojson(
     ids : sequence of str, optional
         One UUID per table row (default: derived from ``seed``).
     compresslevel : int
-        gzip level 1-9.
+        gzip level 1-9 (default :data:`GZIP_LEVEL`).
 
     Returns
     -------
@@ -351,6 +422,8 @@ def write_geojson(
     prepare_root(fs, root)
     if not isinstance(max_per_file, int | np.integer) or max_per_file < 1:
         raise ValueError(f"max_per_file must be a positive integer, got {max_per_file!r}")
+    if compresslevel not in range(1, 10):
+        raise ValueError(f"compresslevel must be within 1..9, got {compresslevel!r}")
     if polygons is None:
         polygons = clean_polygons(table, slide_shape=slide_shape)
     class_table = ClassTable.from_classes(classes)

@@ -1,0 +1,258 @@
+"""Training data: the shared nucleus data sets, read in place and resampled to the training mpp.
+
+Every item is one source image (a CoNSeP patch, a MoNuSeg or CPM-15 image) with a ``group``, the
+source image it came from: CoNSeP patches ``consep_train_K_NNN`` belong to group
+``consep_train_K``; MoNuSeg and CPM-15 images are their own groups. Hold-outs are chosen by group,
+so overlapping crops of one image never straddle the train/validation split.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from models.train.augment import AugmentOptions, augment
+from models.train.targets import hv_targets
+
+__all__ = ["SOURCES", "Item", "PatchSampler", "load_items", "resample_image", "resample_labels", "split_items"]
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("consep_train", "consep_test", "monuseg", "cpm15")
+"""Data sets known to :func:`load_items` (folders/files under the shared nuclei root)."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One source image at the training resolution."""
+
+    name: str
+    group: str
+    source: str
+    image: NDArray[np.uint8]
+    inst: NDArray[np.int32]
+    types: NDArray[np.uint8] | None
+    mpp: float
+
+    @property
+    def typed(self) -> bool:
+        return self.types is not None
+
+    def __repr__(self) -> str:
+        return f"Item({self.name!r}, group={self.group!r}, shape={self.inst.shape}, typed={self.typed})"
+
+
+def resample_image(image: NDArray[np.uint8], factor: float) -> NDArray[np.uint8]:
+    """Resize an RGB image by ``factor`` (area averaging when shrinking)."""
+    if factor == 1.0:
+        return image
+    height, width = image.shape[:2]
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+    return cv2.resize(image, size, interpolation=interp)
+
+
+def resample_labels(labels: NDArray[np.integer], factor: float) -> NDArray[np.integer]:
+    """Resize a label map by ``factor`` with nearest-neighbour sampling (any integer dtype)."""
+    if factor == 1.0:
+        return labels
+    height, width = labels.shape
+    rows = np.minimum(((np.arange(round(height * factor)) + 0.5) / factor).astype(np.intp), height - 1)
+    cols = np.minimum(((np.arange(round(width * factor)) + 0.5) / factor).astype(np.intp), width - 1)
+    return labels[np.ix_(rows, cols)]
+
+
+def _make_item(
+    name: str, group: str, source: str, image: NDArray, inst: NDArray, types: NDArray | None, src_mpp: float, mpp: float
+) -> Item:
+    factor = src_mpp / mpp
+    return Item(
+        name=name,
+        group=group,
+        source=source,
+        image=np.ascontiguousarray(resample_image(image, factor)),
+        inst=resample_labels(inst, factor).astype(np.int32),
+        types=None if types is None else resample_labels(types, factor).astype(np.uint8),
+        mpp=mpp,
+    )
+
+
+def _consep_group(name: str) -> str:
+    match = re.fullmatch(r"(consep_(?:train|test)_\d+)_\d+", name)
+    if match is None:
+        raise ValueError(f"unexpected CoNSeP patch name {name!r}")
+    return match.group(1)
+
+
+def _read_rgb(path: Path) -> NDArray[np.uint8]:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise FileNotFoundError(f"cannot read image {path}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _consep_train(root: Path, mpp: float, limit: int | None) -> Iterable[Item]:
+    folder = root / "consep_train"
+    with np.load(folder / "labels.npz") as labels:
+        names, src_mpp = [str(n) for n in labels["names"]], float(labels["mpp"])
+        inst_all, type_all = labels["inst"], labels["type_map"]
+    for i, name in enumerate(names[:limit]):
+        image = _read_rgb(folder / "images" / f"{name}.jpg")
+        yield _make_item(name, _consep_group(name), "consep_train", image, inst_all[i], type_all[i], src_mpp, mpp)
+
+
+def _consep_test(root: Path, mpp: float, limit: int | None) -> Iterable[Item]:
+    with np.load(root / "consep_patches_train.npz") as data:
+        names, src_mpp = [str(n) for n in data["names"]], float(data["mpp"])
+        images, inst_all, type_all = data["images"], data["inst"], data["type_map"]
+    for i, name in enumerate(names[:limit]):
+        yield _make_item(name, _consep_group(name), "consep_test", images[i], inst_all[i], type_all[i], src_mpp, mpp)
+
+
+def _monuseg(root: Path, mpp: float, limit: int | None) -> Iterable[Item]:
+    folder = root / "monuseg"
+    with np.load(folder / "labels.npz") as labels:
+        names, src_mpp, inst_all = [str(n) for n in labels["names"]], float(labels["mpp"]), labels["inst"]
+    for i, name in enumerate(names[:limit]):
+        image = _read_rgb(folder / "images" / f"{name}.png")
+        yield _make_item(name, name, "monuseg", image, inst_all[i], None, src_mpp, mpp)
+
+
+def _cpm15(root: Path, mpp: float, limit: int | None) -> Iterable[Item]:
+    for path in sorted((root / "cpm15").glob("cpm15_image*.npz"))[:limit]:
+        with np.load(path) as data:
+            image, inst, src_mpp = data["image"], data["inst"], float(data["mpp"])
+        yield _make_item(path.stem, path.stem, "cpm15", image, inst, None, src_mpp, mpp)
+
+
+_READERS: dict[str, Callable[[Path, float, int | None], Iterable[Item]]] = {
+    "consep_train": _consep_train,
+    "consep_test": _consep_test,
+    "monuseg": _monuseg,
+    "cpm15": _cpm15,
+}
+
+
+def load_items(
+    root: str | Path, *, mpp: float = 0.5, sources: Iterable[str] = SOURCES, limit: int | None = None
+) -> list[Item]:
+    """Read the shared nucleus data sets in place, resampled to ``mpp``.
+
+    Parameters
+    ----------
+    root : str or Path
+        The shared ``data/nuclei`` folder.
+    mpp : float
+        Training resolution, µm per pixel.
+    sources : iterable of str
+        Which data sets (see :data:`SOURCES`).
+    limit : int, optional
+        At most this many items per source.
+
+    Returns
+    -------
+    list of Item
+    """
+    root = Path(root)
+    items: list[Item] = []
+    for source in sources:
+        if source not in _READERS:
+            raise ValueError(f"unknown data source {source!r}; known: {SOURCES}")
+        loaded = list(_READERS[source](root, mpp, limit))
+        logger.info("loaded %d items from %s", len(loaded), source)
+        items += loaded
+    return items
+
+
+def split_items(items: Iterable[Item], holdout: Collection[str]) -> tuple[list[Item], list[Item]]:
+    """Split items into (train, validation) by source-image group."""
+    items = list(items)
+    unknown = set(holdout) - {item.group for item in items}
+    if unknown:
+        raise ValueError(f"hold-out groups not found in the data: {sorted(unknown)}")
+    train = [item for item in items if item.group not in holdout]
+    val = [item for item in items if item.group in holdout]
+    return train, val
+
+
+class PatchSampler:
+    """Draws augmented training batches; batch ``step`` depends only on (seed, step).
+
+    That makes a resumed run draw exactly the batches an uninterrupted one would have.
+
+    Parameters
+    ----------
+    items : sequence of Item
+        Training items; each is picked with probability proportional to its area times the
+        weight of its source.
+    patch_size : int
+        Side of the training patches.
+    options : AugmentOptions
+        Augmentation strengths.
+    seed : int
+        Base seed.
+    source_weights : mapping of str to float, optional
+        Per-source weight multipliers.
+    """
+
+    def __init__(
+        self,
+        items: Iterable[Item],
+        *,
+        patch_size: int,
+        options: AugmentOptions,
+        seed: int,
+        source_weights: Mapping[str, float] | None = None,
+    ) -> None:
+        self.items = [item for item in items if min(item.inst.shape) >= patch_size]
+        if not self.items:
+            raise ValueError(f"no training item is at least {patch_size} px on each side")
+        weights = np.array(
+            [item.inst.size * (source_weights or {}).get(item.source, 1.0) for item in self.items], dtype=np.float64
+        )
+        self.probabilities = weights / weights.sum()
+        self.patch_size = patch_size
+        self.options = options
+        self.seed = seed
+
+    def batch(self, step: int, batch_size: int) -> dict[str, torch.Tensor]:
+        """Batch number ``step``: ``image`` (N,3,H,W) float 0-255, ``np``, ``hv``, ``tp``, ``typed``."""
+        rng = np.random.default_rng([self.seed, step])
+        picks = rng.choice(len(self.items), size=batch_size, p=self.probabilities)
+        images, insts, types, typed = [], [], [], []
+        for index in picks:
+            item = self.items[index]
+            image, inst, tmap = augment(
+                item.image, item.inst, item.types, out_size=self.patch_size, rng=rng, options=self.options
+            )
+            images.append(image)
+            insts.append(inst)
+            types.append(tmap)
+            typed.append(item.typed)
+        return collate(images, insts, types, typed)
+
+
+def collate(
+    images: list[NDArray[np.uint8]],
+    insts: list[NDArray[np.int32]],
+    types: list[NDArray[np.uint8]],
+    typed: list[bool],
+) -> dict[str, torch.Tensor]:
+    """Stack patches into the tensors the loss expects (HV targets computed here)."""
+    image = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    inst = np.stack(insts)
+    return {
+        "image": image.contiguous(),
+        "np": torch.from_numpy((inst > 0).astype(np.int64)),
+        "hv": torch.from_numpy(np.stack([hv_targets(i) for i in insts])),
+        "tp": torch.from_numpy(np.stack(types).astype(np.int64)),
+        "typed": torch.tensor(typed, dtype=torch.bool),
+    }

@@ -1,0 +1,228 @@
+"""The training loop: AdamW with a one-cycle or cosine schedule, resumable checkpoints, progress."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models.conic.builder import BUILDERS
+from models.train.augment import AugmentOptions
+from models.train.config import ModelConfig, TrainConfig, load_config
+from models.train.data import Item, PatchSampler, load_items, split_items
+from models.train.losses import HoverLoss
+from models.train.validate import evaluate_items, summarise
+
+__all__ = ["CHECKPOINT_NAME", "build_model", "run_training", "train"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "last.pt"
+"""File name of the latest checkpoint inside a run folder."""
+
+CLASS_NAMES = ("background", "other", "inflammatory", "epithelial", "spindle")
+"""Type classes of the typed training data (CoNSeP's merged 4-class scheme)."""
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """Instantiate the network a config names."""
+    if config.architecture not in BUILDERS:
+        raise ValueError(f"unknown architecture {config.architecture!r}; known: {sorted(BUILDERS)}")
+    return BUILDERS[config.architecture](config.n_classes, **config.options)
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - third-party code may still use the global generator
+    torch.manual_seed(seed)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    opt = config.optim
+    if opt.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=opt.lr, total_steps=config.steps, pct_start=max(opt.warmup_fraction, 1e-3),
+            div_factor=20.0, final_div_factor=100.0,
+        )
+    warmup = max(1, int(config.steps * opt.warmup_fraction))
+
+    def factor(step: int) -> float:
+        if opt.schedule == "constant":
+            return min(1.0, (step + 1) / warmup)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, config.steps - warmup)
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class _Running:
+    """Exponential moving averages of the loss terms, for the progress bar and the log."""
+
+    def __init__(self, decay: float = 0.95) -> None:
+        self.decay = decay
+        self.values: dict[str, float] = {}
+
+    def update(self, terms: Mapping[str, float]) -> None:
+        for key, value in terms.items():
+            old = self.values.get(key)
+            self.values[key] = value if old is None else self.decay * old + (1 - self.decay) * value
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated checkpoint
+
+
+def _append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _evaluate(
+    model: nn.Module, val_items: list[Item], config: TrainConfig, device: torch.device
+) -> dict[str, float]:
+    class_names = CLASS_NAMES if config.model.n_classes == len(CLASS_NAMES) else None
+    started = time.perf_counter()
+    flat = summarise(evaluate_items(model, val_items, class_names=class_names, device=device))
+    logger.info(
+        "held-out evaluation (%.0f s): %s",
+        time.perf_counter() - started,
+        ", ".join(f"{k} {v:.4f}" for k, v in flat.items()),
+    )
+    return flat
+
+
+def run_training(
+    config: TrainConfig, *, resume: bool = False, device: str = "auto", progress: bool = True
+) -> Path:
+    """Train per ``config``; see :func:`train`."""
+    dev = _pick_device(device)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    _seed_everything(config.seed)
+    run_dir = config.run_dir
+    checkpoint = run_dir / CHECKPOINT_NAME
+    if checkpoint.exists() and not resume:
+        raise ValueError(f"{checkpoint} exists: resume it, or give the run another name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(config.model_dump_json(indent=2), encoding="utf-8")
+
+    items = load_items(
+        config.data_root, mpp=config.data.mpp, sources=config.data.sources, limit=config.data.max_items_per_source
+    )
+    train_items, val_items = split_items(items, config.data.holdout)
+    logger.info("%d training items, %d held out (%s)", len(train_items), len(val_items), config.data.holdout)
+    sampler = PatchSampler(
+        train_items,
+        patch_size=config.data.patch_size,
+        options=AugmentOptions(**config.augment),
+        seed=config.seed,
+        source_weights=config.data.source_weights,
+    )
+    model = build_model(config.model).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    scheduler = _scheduler(optimizer, config)
+    loss_fn = HoverLoss(config.loss.weights, class_weights=config.loss.class_weights).to(dev)
+
+    start, metrics, best = 0, {}, -math.inf
+    if resume and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=dev, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, metrics, best = int(state["step"]), dict(state.get("metrics", {})), float(state.get("best", -math.inf))
+        logger.info("resumed %s at step %d", checkpoint, start)
+
+    def save(step: int, path: Path = checkpoint) -> None:
+        _save(path, {
+            "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "config": config.model_dump(mode="json"),
+            "metrics": metrics, "best": best,
+        })
+
+    running = _Running()
+    model.train()
+    bar = tqdm(total=config.steps, initial=start, disable=not progress, mininterval=5.0, desc=config.name)
+    for step in range(start, config.steps):
+        batch = {k: v.to(dev, non_blocking=True) for k, v in sampler.batch(step, config.batch_size).items()}
+        loss, terms = loss_fn(model(batch["image"]), batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step}: {terms}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.optim.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        running.update({"loss": float(loss.detach()), **terms})
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in running.values.items()}, refresh=False)
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            record = {"step": done, "lr": scheduler.get_last_lr()[0], **running.values}
+            _append_jsonl(run_dir / "log.jsonl", record)
+            logger.info("step %d: %s", done, " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
+        evaluate_now = bool(val_items) and (
+            (config.eval_every and done % config.eval_every == 0) or done == config.steps
+        )
+        if evaluate_now:
+            metrics = {"step": done, **_evaluate(model, val_items, config, dev)}
+            _append_jsonl(run_dir / "eval.jsonl", metrics)
+            score = _selection_score(metrics)
+            if score > best:
+                best = score
+                save(done, run_dir / "best.pt")
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            save(done)
+    bar.close()
+    return checkpoint
+
+
+def _selection_score(metrics: Mapping[str, float]) -> float:
+    # mean of the headline held-out numbers that exist; NaN (undefined) counts as 0
+    keys = [k for k in metrics if k.endswith(("/pq", "/f1_d", "/f_c_mean", "/aji"))]
+    values = [0.0 if math.isnan(metrics[k]) else metrics[k] for k in keys]
+    return float(np.mean(values)) if values else -math.inf
+
+
+def train(config_path: str | Path, *, resume: bool = False, device: str = "auto", progress: bool = True) -> Path:
+    """Train a model from a YAML/JSON config (``hoverserve model train CONFIG``).
+
+    Parameters
+    ----------
+    config_path : str or Path
+        Training config (see :class:`models.train.config.TrainConfig`).
+    resume : bool
+        Continue from the run folder's ``last.pt`` (same batches as an uninterrupted run).
+    device : str
+        ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda[:N]"``.
+    progress : bool
+        Show a tqdm progress bar with the running losses.
+
+    Returns
+    -------
+    Path
+        The run's latest checkpoint (``<output_dir>/<name>/last.pt``).
+    """
+    return run_training(load_config(config_path), resume=resume, device=device, progress=progress)

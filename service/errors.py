@@ -1,0 +1,161 @@
+"""Errors raised by :mod:`service`, and the one place they become HTTP responses.
+
+Tree::
+
+    ServiceError                 status, code
+    ├── Unauthorized             401 unauthorized         missing or unknown API key
+    ├── JobNotFound              404 job_not_found        no such job (or another key's)
+    ├── ResultNotFound           404 result_not_found     the job has no output of that name
+    ├── JobNotFinished           409 job_not_finished     results asked for before success
+    ├── ResultsExpired           410 results_expired      the retention time has passed
+    ├── BadUpload                400 <code>               empty upload, malformed form...
+    ├── UploadTooLarge           413 upload_too_large     over the configured limit
+    ├── InvalidOptions           422 invalid_options      the ``options`` field is not valid
+    ├── UnknownModel             422 unknown_model        no model of that name
+    └── QueueUnavailable         503 queue_unavailable    Redis does not answer
+
+Slide errors from :mod:`worker` (raised by the validation open) map to 422 with the codes in
+:data:`SLIDE_ERROR_CODES`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from worker.errors import MissingResolution, NotRGBSlide, SlideError, TissueMaskError, UnsupportedSlide
+
+__all__ = [
+    "SLIDE_ERROR_CODES",
+    "BadUpload",
+    "InvalidOptions",
+    "JobNotFinished",
+    "JobNotFound",
+    "QueueUnavailable",
+    "ResultNotFound",
+    "ResultsExpired",
+    "ServiceError",
+    "Unauthorized",
+    "UnknownModel",
+    "UploadTooLarge",
+    "error_body",
+    "install_handlers",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base class: an error with an HTTP status and a stable machine-readable code."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+
+
+class JobNotFound(ServiceError):
+    status, code = 404, "job_not_found"
+
+
+class ResultNotFound(ServiceError):
+    status, code = 404, "result_not_found"
+
+
+class JobNotFinished(ServiceError):
+    status, code = 409, "job_not_finished"
+
+
+class ResultsExpired(ServiceError):
+    status, code = 410, "results_expired"
+
+
+class BadUpload(ServiceError):
+    status, code = 400, "bad_upload"
+
+
+class UploadTooLarge(ServiceError):
+    status, code = 413, "upload_too_large"
+
+
+class InvalidOptions(ServiceError):
+    status, code = 422, "invalid_options"
+
+
+class UnknownModel(ServiceError):
+    status, code = 422, "unknown_model"
+
+
+class QueueUnavailable(ServiceError):
+    status, code = 503, "queue_unavailable"
+
+
+SLIDE_ERROR_CODES: dict[type[SlideError], str] = {
+    NotRGBSlide: "not_rgb_slide",
+    MissingResolution: "missing_resolution",
+    UnsupportedSlide: "unsupported_slide",
+}
+"""Error code of each slide error (checked in order; the base class gives ``invalid_slide``)."""
+
+
+def slide_error_code(exc: BaseException) -> str:
+    for cls, code in SLIDE_ERROR_CODES.items():
+        if isinstance(exc, cls):
+            return code
+    if isinstance(exc, TissueMaskError):
+        return "invalid_tissue_mask"
+    return "invalid_slide"
+
+
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    return {"error": {"code": code, "message": message}}
+
+
+def _response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+
+
+async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return _response(exc.status, exc.code, exc.message, headers)
+
+
+async def _slide_error(request: Request, exc: Exception) -> JSONResponse:
+    return _response(422, slide_error_code(exc), str(exc))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
+    return _response(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+    return _response(exc.status_code, code, str(exc.detail))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _response(500, "internal_error", "internal server error")
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Register the translation of every error to ``{"error": {"code", "message"}}``."""
+    app.add_exception_handler(ServiceError, _service_error)  # type: ignore[arg-type]
+    app.add_exception_handler(SlideError, _slide_error)
+    app.add_exception_handler(TissueMaskError, _slide_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,231 @@
+"""The job's task functions, shared by the embedded queue and the RQ workers.
+
+A job runs as ``prepare_job`` (plan the regions) → ``run_region`` for each region (any worker, in
+any order, possibly more than once) → ``finalize_job`` (merge, write outputs). Every task reads its
+inputs from the store and writes its result there, so a retried or duplicated task is harmless.
+
+The process-wide :class:`TaskContext` (store, model catalog, settings) is installed once at process
+start with :func:`set_context`; task arguments are plain ids so they serialise for any queue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.catalog import Catalog
+from service.errors import ServiceError, slide_error_code
+from service.jobs import JobError, JobRecord, JobState, transition
+from service.settings import Settings
+from service.store import Store, load_table, save_table
+from worker.errors import SlideError, WorkerError
+
+__all__ = [
+    "TaskContext",
+    "fail_job",
+    "finalize_job",
+    "get_context",
+    "prepare_job",
+    "run_region",
+    "set_context",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskContext:
+    """What tasks need: where data lives, which models exist, how to run them, who runs them."""
+
+    store: Store
+    catalog: Catalog
+    settings: Settings
+    worker_name: str = dataclasses.field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+
+_CONTEXT: TaskContext | None = None
+_PREPARED: dict[str, Any] = {}
+_MODELS: dict[tuple[str, float], Any] = {}
+
+
+def set_context(context: TaskContext) -> None:
+    """Install the context tasks of this process use."""
+    global _CONTEXT
+    _CONTEXT = context
+    _PREPARED.clear()
+
+
+def get_context() -> TaskContext:
+    if _CONTEXT is None:
+        raise RuntimeError("no task context: call service.queue.tasks.set_context() at start-up")
+    return _CONTEXT
+
+
+def _model(path: Path, ctx: TaskContext):
+    """One loaded ONNX session per model file and process (loading costs more than a region)."""
+    from worker.infer import load_model
+
+    key = (str(path), path.stat().st_mtime)
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = load_model(path, device=ctx.settings.device,  # type: ignore[arg-type]
+                                  batch_size=ctx.settings.batch_size)
+    return _MODELS[key]
+
+
+def _prepared(job_id: str, ctx: TaskContext):
+    """The job's planned slide, pointed at this worker's local copy of the slide."""
+    if job_id not in _PREPARED:
+        prepared = ctx.store.read_prepared(job_id)
+        record = ctx.store.read_record(job_id)
+        local = ctx.store.local_slide(record.slide.sha256, record.slide.ext)
+        prepared.plan = dataclasses.replace(prepared.plan, slide_path=local)
+        if len(_PREPARED) > 8:
+            _PREPARED.clear()
+        _PREPARED[job_id] = prepared
+    return _PREPARED[job_id]
+
+
+def _options(record: JobRecord, model_path: Path, ctx: TaskContext):
+    from worker.pipeline import InferenceOptions
+
+    opts = record.options
+    return InferenceOptions(
+        model=model_path, mpp=opts.mpp, roi=opts.roi,
+        region_size=opts.region_size or ctx.settings.region_size,
+        batch_size=ctx.settings.batch_size, workers=0, device=ctx.settings.device,  # type: ignore[arg-type]
+        tissue="auto" if opts.tissue_mask else "none",
+    )
+
+
+def _active(job_id: str, ctx: TaskContext) -> JobRecord | None:
+    """The job's record if it still wants work, else None (cancelled, failed or done)."""
+    record = ctx.store.read_record(job_id)
+    if record.finished or ctx.store.is_cancelled(job_id):
+        logger.info("job %s: %s, task skipped", job_id, record.state.value)
+        return None
+    return record
+
+
+def prepare_job(job_id: str) -> list[int] | None:
+    """Plan the job's regions (once; a retry reuses the stored plan).
+
+    Returns the indices of the regions to run (possibly none: no tissue), or None when the job no
+    longer wants work (cancelled or finished).
+    """
+    ctx = get_context()
+    record = _active(job_id, ctx)
+    if record is None:
+        return None
+    if not ctx.store.exists(ctx.store.job_key(job_id, "prepared.pkl")):
+        from worker.pipeline import prepare_slide
+
+        _, model_path = ctx.catalog.resolve(record.model)
+        card = ctx.catalog.card(record.model)
+        slide = ctx.store.local_slide(record.slide.sha256, record.slide.ext)
+        start = time.perf_counter()
+        prepared = prepare_slide(slide, card, _options(record, model_path, ctx))
+        prepared.slide_info["name"] = record.slide.name
+        prepared.slide_info["plan_seconds"] = time.perf_counter() - start
+        ctx.store.write_prepared(job_id, prepared)
+    prepared = _prepared(job_id, ctx)
+    total = len(prepared.plan.regions)
+
+    def start_running(rec: JobRecord) -> None:
+        transition(rec, JobState.RUNNING)
+        rec.regions_total = total
+
+    ctx.store.update_record(job_id, start_running)
+    logger.info("job %s: %d regions planned", job_id, total)
+    return [region.index for region in prepared.plan.regions]
+
+
+def run_region(job_id: str, index: int) -> int:
+    """Segment one region and store its nuclei; returns how many (idempotent)."""
+    from worker.pipeline import process_region
+
+    ctx = get_context()
+    if ctx.store.has_region(job_id, index):
+        logger.info("job %s: region %d already done", job_id, index)
+        return -1
+    record = _active(job_id, ctx)
+    if record is None:
+        return -1
+    prepared = _prepared(job_id, ctx)
+    regions = {r.index: r for r in prepared.plan.regions}
+    if index not in regions:
+        raise ValueError(f"job {job_id} has no region {index} (0..{len(regions) - 1})")
+    _, model_path = ctx.catalog.resolve(record.model)
+    start = time.perf_counter()
+    table = process_region(prepared.plan, regions[index], _model(model_path, ctx))
+    seconds = time.perf_counter() - start
+    data = save_table(table, worker=ctx.worker_name, seconds=seconds)
+    ctx.store.write_region(job_id, index, data, len(table))
+    logger.info("job %s: region %d: %d nuclei in %.2f s on %s", job_id, index, len(table), seconds,
+                ctx.worker_name)
+    return len(table)
+
+
+def finalize_job(job_id: str) -> list[str]:
+    """Merge every region's nuclei, write the outputs and mark the job succeeded."""
+    from worker.pipeline import class_counts, finalize
+
+    ctx = get_context()
+    record = _active(job_id, ctx)
+    if record is None:
+        return []
+    prepared = _prepared(job_id, ctx)
+    tables = []
+    workers: dict[str, str] = {}
+    seconds = 0.0
+    for region in prepared.plan.regions:
+        table, meta = load_table(ctx.store.read_region(job_id, region.index))
+        tables.append(table)
+        workers[str(region.index)] = str(meta.get("worker", "?"))
+        seconds += float(meta.get("seconds", 0.0))
+    _, model_path = ctx.catalog.resolve(record.model)
+    card = ctx.catalog.card(record.model)
+    parameters = {
+        **_options(record, model_path, ctx).parameters(), "model": record.model,
+        "job": job_id, "region_workers": workers, "workers": sorted(set(workers.values())),
+    }
+    timings = {"plan": float(prepared.slide_info.pop("plan_seconds", 0.0)), "regions_cpu": seconds}
+    root = ctx.store.results_root(job_id)
+    table, outputs = finalize(prepared, tables, fs=ctx.store.fs, root=root, card=card,
+                              parameters=parameters, timings=timings)
+    names = sorted(name for name in outputs if name != "nuclei.zarr")
+
+    def succeed(rec: JobRecord) -> None:
+        if transition(rec, JobState.SUCCEEDED):
+            rec.results = names
+
+    ctx.store.update_record(job_id, succeed)
+    logger.info("job %s: succeeded, %d nuclei %s", job_id, len(table), class_counts(table, card))
+    _PREPARED.pop(job_id, None)
+    return names
+
+
+def fail_job(job_id: str, exc: BaseException | None, *, reason: str | None = None) -> None:
+    """Mark the job failed with the exception's reason (and traceback) or ``reason``."""
+    ctx = get_context()
+    if isinstance(exc, SlideError):
+        code = slide_error_code(exc)
+    elif isinstance(exc, ServiceError):
+        code = exc.code
+    elif isinstance(exc, WorkerError):
+        code = "processing_error"
+    else:
+        code = "task_failed"
+    message = reason or (f"{type(exc).__name__}: {exc}" if exc is not None else "the job failed")
+    trace = "".join(traceback.format_exception(exc)) if exc is not None else None
+    error = JobError(code=code, message=message, traceback=trace)
+    ctx.store.update_record(job_id, lambda rec: transition(rec, JobState.FAILED, error=error))
+    logger.warning("job %s: failed: %s", job_id, message)

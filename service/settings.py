@@ -1,0 +1,77 @@
+"""Service settings: one :class:`Settings`, read once from ``HOVERSERVE_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEFAULT_STORE", "Settings"]
+
+DEFAULT_STORE = "./hoverserve-data"
+"""Default store: a local directory (relative to the working directory)."""
+
+DEFAULT_MAX_UPLOAD_MB = 4096.0
+"""Default upload size limit, MiB (whole-slide images are routinely several GiB)."""
+
+DEFAULT_RETENTION_HOURS = 168.0
+"""Default time, hours, a finished job's slide, regions and results are kept (one week)."""
+
+
+class Settings(BaseSettings):
+    """Everything the API and the workers need to know, from ``HOVERSERVE_<NAME>`` variables.
+
+    A bad value fails at start-up with pydantic's message naming the variable.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="HOVERSERVE_", extra="ignore")
+
+    store: str = Field(DEFAULT_STORE, description="fsspec URL or directory for slides, jobs and results")
+    store_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options (JSON), e.g. S3 endpoint_url")
+    redis_url: str | None = Field(None, description="Redis URL; unset = embedded in-process queue")
+    api_keys: str | None = Field(
+        None, description="comma-separated SHA-256 hex digests of the accepted API keys; unset = no auth")
+    models_dir: Path | None = Field(None, description="folder of extra *.onnx models, named by stem")
+    cache_dir: Path = Field(Path("./hoverserve-cache"),
+                            description="local folder for slides downloaded from a remote store")
+    max_upload_mb: float = Field(DEFAULT_MAX_UPLOAD_MB, gt=0, description="upload size limit, MiB")
+    retention_hours: float = Field(DEFAULT_RETENTION_HOURS, gt=0,
+                                   description="hours a finished job's data is kept")
+    sweep_interval_s: float = Field(300.0, gt=0, description="seconds between retention sweeps")
+    region_size: int = Field(2048, ge=64, description="region core side, model pixels")
+    batch_size: int = Field(8, ge=1, description="patches per inference batch")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="inference device")
+    max_attempts: int = Field(3, ge=1, description="tries per task before the job fails")
+    task_timeout_s: int = Field(1800, ge=10, description="seconds a single task may run (RQ)")
+    embedded_threads: int = Field(1, ge=1, description="jobs run at once by the embedded queue")
+    worker_dead_after_s: float = Field(
+        10.0, gt=0, description="seconds without a worker heartbeat before its tasks are retried")
+    queue_name: str = Field("hoverserve", min_length=1, description="RQ queue name")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        for digest in _split(value):
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(
+                    "HOVERSERVE_API_KEYS wants comma-separated SHA-256 hex digests "
+                    f"(see `hoverserve key new`), got an entry {digest[:12]!r}…")
+        return value
+
+    @property
+    def key_digests(self) -> frozenset[str]:
+        """The accepted keys' SHA-256 hex digests (empty: authentication off)."""
+        return frozenset(_split(self.api_keys)) if self.api_keys else frozenset()
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip().lower().removeprefix("sha256:") for part in value.split(",") if part.strip()]

@@ -1,0 +1,260 @@
+"""The store: slides by content hash, job records, region results and outputs, through fsspec.
+
+Layout under the store's root (a local directory or ``s3://bucket/prefix``)::
+
+    slides/<sha256>.<ext>            uploaded slides, stored once per content
+    jobs/<id>/job.json               the job record
+    jobs/<id>/cancelled              marker: the job was cancelled (workers check it)
+    jobs/<id>/prepared.pkl           the planned slide (regions, thumbnail) for region tasks
+    jobs/<id>/regions/<index>.npz    one region's nuclei (written atomically: retries are idempotent)
+    jobs/<id>/done/<index>.<nuclei>  progress markers (one cheap listing gives regions and nuclei)
+    jobs/<id>/results/...            the outputs served by the API
+
+Names inside the store come only from hashes, job ids (checked hex) and integers, never from
+client-supplied file names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+
+from service.errors import JobNotFound
+from service.jobs import JobRecord, JobState, is_job_id
+from worker.nuclei import NucleusTable
+
+__all__ = ["SLIDE_EXTENSIONS", "Progress", "Store", "load_table", "save_table"]
+
+logger = logging.getLogger(__name__)
+
+SLIDE_EXTENSIONS = frozenset({
+    "svs", "tif", "tiff", "ndpi", "scn", "bif", "vms", "svslide", "qptiff", "dcm", "png", "jpg",
+    "jpeg",
+})
+"""File-name extensions kept on stored slides (readers pick formats partly by extension)."""
+
+_TABLE_COLUMNS = ("centroid", "bbox", "area_um2", "perimeter_um", "solidity", "eccentricity", "type",
+                  "type_prob", "np_prob", "vertices", "offsets", "region")
+
+
+def save_table(table: NucleusTable, **extra: Any) -> bytes:
+    """A nucleus table (plus small ``extra`` metadata arrays) as ``.npz`` bytes."""
+    buffer = io.BytesIO()
+    columns = {name: getattr(table, name) for name in _TABLE_COLUMNS}
+    np.savez(buffer, **columns, **{f"meta_{k}": np.asarray(v) for k, v in extra.items()})
+    return buffer.getvalue()
+
+
+def load_table(data: bytes) -> tuple[NucleusTable, dict[str, Any]]:
+    """Inverse of :func:`save_table`: the table and its ``extra`` metadata."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        table = NucleusTable(**{name: npz[name] for name in _TABLE_COLUMNS})
+        meta = {k.removeprefix("meta_"): npz[k].item() for k in npz.files if k.startswith("meta_")}
+    return table, meta
+
+
+class Progress:
+    """Regions done and nuclei found so far, from the job's progress markers."""
+
+    def __init__(self, done: dict[int, int]) -> None:
+        self.done = done
+
+    @property
+    def regions(self) -> int:
+        return len(self.done)
+
+    @property
+    def nuclei(self) -> int:
+        return sum(self.done.values())
+
+
+class Store:
+    """Slides, job records and results under one fsspec URL.
+
+    Parameters
+    ----------
+    url : str
+        A local directory or any fsspec URL (``s3://bucket/prefix``...).
+    cache_dir : Path
+        Local folder for slides fetched from a remote store (readers need local files).
+    storage_options : dict, optional
+        Passed to fsspec (e.g. ``{"endpoint_url": ...}`` for S3).
+    """
+
+    def __init__(self, url: str, *, cache_dir: Path, storage_options: dict[str, Any] | None = None):
+        self.url = url
+        self.fs, root = fsspec.url_to_fs(url, **(storage_options or {}))
+        self.root = root.rstrip("/")
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.cache_dir = Path(cache_dir)
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    # ------------------------------------------------------------------ bytes
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write ``data`` at ``key`` atomically (readers see the old object or the new one)."""
+        path = self.path(key)
+        if self.local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.fs.cat_file(self.path(key))
+
+    def exists(self, key: str) -> bool:
+        return self.fs.exists(self.path(key))
+
+    def names(self, key: str) -> list[str]:
+        """Base names of the entries directly under ``key`` (empty when missing)."""
+        try:
+            entries = self.fs.ls(self.path(key), detail=False)
+        except FileNotFoundError:
+            return []
+        return [str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries]
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.path(key), recursive=True)
+
+    # ------------------------------------------------------------------ slides
+
+    @staticmethod
+    def slide_key(sha256: str, ext: str) -> str:
+        return f"slides/{sha256}.{ext}"
+
+    def put_slide(self, local: Path, sha256: str, ext: str) -> bool:
+        """Store a slide file once per content; False when the same content was already there."""
+        key = self.slide_key(sha256, ext)
+        if self.exists(key):
+            return False
+        if self.local:
+            target = Path(self.path(key))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".tmp-{target.name}")
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, target)
+        else:
+            self.fs.put_file(str(local), self.path(key))
+        return True
+
+    def local_slide(self, sha256: str, ext: str) -> Path:
+        """A local file holding the slide: the store's own file, or a cached download."""
+        key = self.slide_key(sha256, ext)
+        if self.local:
+            return Path(self.path(key))
+        cached = self.cache_dir / f"{sha256}.{ext}"
+        if not cached.is_file():
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".tmp-")
+            os.close(fd)
+            self.fs.get_file(self.path(key), tmp)
+            os.replace(tmp, cached)
+        return cached
+
+    # ------------------------------------------------------------------ job records
+
+    @staticmethod
+    def _job_key(job_id: str, *parts: str) -> str:
+        if not is_job_id(job_id):
+            raise JobNotFound(f"no job {job_id!r}")
+        return "/".join(["jobs", job_id, *parts])
+
+    def write_record(self, record: JobRecord) -> None:
+        self.write_bytes(self._job_key(record.id, "job.json"), record.model_dump_json().encode())
+
+    def read_record(self, job_id: str) -> JobRecord:
+        """The job's record (raises JobNotFound)."""
+        try:
+            data = self.read_bytes(self._job_key(job_id, "job.json"))
+        except FileNotFoundError as exc:
+            raise JobNotFound(f"no job {job_id!r}") from exc
+        return JobRecord.model_validate_json(data)
+
+    def update_record(self, job_id: str, change: Callable[[JobRecord], Any]) -> JobRecord:
+        """Read, change in place and write back a record; a cancel marker always wins."""
+        record = self.read_record(job_id)
+        change(record)
+        if self.exists(self._job_key(job_id, "cancelled")) and not record.finished:
+            record.state = JobState.CANCELLED
+        self.write_record(record)
+        return record
+
+    def records(self) -> Iterator[JobRecord]:
+        """Every job record (order unspecified)."""
+        for name in self.names("jobs"):
+            if is_job_id(name):
+                with contextlib.suppress(JobNotFound, ValueError):
+                    yield self.read_record(name)
+
+    def mark_cancelled(self, job_id: str) -> None:
+        self.write_bytes(self._job_key(job_id, "cancelled"), b"")
+
+    def is_cancelled(self, job_id: str) -> bool:
+        return self.exists(self._job_key(job_id, "cancelled"))
+
+    # ------------------------------------------------------------------ job data
+
+    def job_key(self, job_id: str, *parts: str) -> str:
+        return self._job_key(job_id, *parts)
+
+    def write_prepared(self, job_id: str, prepared: Any) -> None:
+        self.write_bytes(self._job_key(job_id, "prepared.pkl"), pickle.dumps(prepared))
+
+    def read_prepared(self, job_id: str) -> Any:
+        # The pickle is written by our own prepare task into the job's own folder.
+        return pickle.loads(self.read_bytes(self._job_key(job_id, "prepared.pkl")))  # noqa: S301
+
+    def has_region(self, job_id: str, index: int) -> bool:
+        return self.exists(self._job_key(job_id, "regions", f"{index:06d}.npz"))
+
+    def write_region(self, job_id: str, index: int, data: bytes, nuclei: int) -> None:
+        self.write_bytes(self._job_key(job_id, "regions", f"{index:06d}.npz"), data)
+        self.write_bytes(self._job_key(job_id, "done", f"{index:06d}.{nuclei}"), b"")
+
+    def read_region(self, job_id: str, index: int) -> bytes:
+        return self.read_bytes(self._job_key(job_id, "regions", f"{index:06d}.npz"))
+
+    def progress(self, job_id: str) -> Progress:
+        done: dict[int, int] = {}
+        for name in self.names(self._job_key(job_id, "done")):
+            index, _, nuclei = name.partition(".")
+            if index.isdigit() and nuclei.isdigit():
+                done[int(index)] = int(nuclei)
+        return Progress(done)
+
+    def results_root(self, job_id: str) -> str:
+        return self.path(self._job_key(job_id, "results"))
+
+    def result_key(self, job_id: str, name: str) -> str:
+        return self._job_key(job_id, "results", name)
+
+    def delete_job_data(self, job_id: str) -> None:
+        """Remove a job's regions, plan and results (the record stays)."""
+        for part in ("regions", "done", "prepared.pkl", "results"):
+            self.delete(self._job_key(job_id, part))
+
+    def delete_job(self, job_id: str) -> None:
+        self.delete(self._job_key(job_id))

@@ -1,0 +1,459 @@
+"""worker.postprocess: HoVer-Net post-processing, checked against maps whose answer is known.
+
+Known answers come from three places: instances we draw ourselves (exact HV targets derived from
+them, so a correct post-processing must give them back), real CoNSeP annotations turned into exact
+maps the same way, and a plain transcription of the official algorithm
+(``tests/worker/_official_reference.py``) that the fast implementation must reproduce exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import shapely  # type: ignore[import-untyped]
+from numpy.typing import NDArray
+from skimage.measure import regionprops
+
+from tests.worker._official_reference import reference_instances, target_maps
+from worker.nuclei import Nucleus
+from worker.postprocess import (
+    HoverInstances,
+    PostprocessConstants,
+    hover_instances,
+    measure_nuclei,
+    scaled_constants,
+)
+
+CONSEP = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "nuclei" / (
+    "consep_patches_train.npz"
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _radius(a: float, b: float, angle_deg: float, theta: float) -> float:
+    """Distance from an ellipse's centre to its edge in direction ``theta``."""
+    phi = theta - np.deg2rad(angle_deg)
+    return a * b / float(np.hypot(b * np.cos(phi), a * np.sin(phi)))
+
+
+def draw_nuclei(
+    size: int = 512, *, seed: int = 0, step: int = 56
+) -> tuple[NDArray[np.int32], NDArray[np.int64]]:
+    """~100 ellipses of 40× nucleus size on a jittered grid, 30 % with a touching partner.
+
+    Returns the instance map and a type map (one random type 1..4 per instance).
+    """
+    rng = np.random.default_rng(seed)
+    inst = np.zeros((size, size), np.int32)
+    kinds = [0]
+    for cy in range(step // 2, size - step // 2 + 1, step):
+        for cx in range(step // 2, size - step // 2 + 1, step):
+            x, y = cx + rng.uniform(-4, 4), cy + rng.uniform(-4, 4)
+            a, b, angle = rng.uniform(8, 14), rng.uniform(6, 10), rng.uniform(0, 180)
+            kinds.append(int(rng.integers(1, 5)))
+            cv2.ellipse(inst, ((x, y), (2 * a, 2 * b), angle), len(kinds) - 1, -1)
+            if rng.random() < 0.3:
+                theta = rng.uniform(0, 2 * np.pi)
+                a2, b2, angle2 = rng.uniform(7, 11), rng.uniform(5, 8), rng.uniform(0, 180)
+                # One pixel closer than touching, so the pair shares a boundary.
+                d = _radius(a, b, angle, theta) + _radius(a2, b2, angle2, theta + np.pi) - 1.0
+                kinds.append(int(rng.integers(1, 5)))
+                centre = (x + d * np.cos(theta), y + d * np.sin(theta))
+                cv2.ellipse(inst, (centre, (2 * a2, 2 * b2), angle2), len(kinds) - 1, -1)
+    return inst, np.asarray(kinds)[inst]
+
+
+def noisy_prob(inst: NDArray, seed: int) -> NDArray[np.float32]:
+    """About 0.95 inside nuclei and 0.05 outside, with ±0.05 uniform noise."""
+    rng = np.random.default_rng(seed)
+    prob = np.where(inst > 0, 0.95, 0.05) + rng.uniform(-0.05, 0.05, inst.shape)
+    return np.clip(prob, 0, 1).astype(np.float32)
+
+
+def match(gt: NDArray, pred: NDArray) -> tuple[NDArray[np.intp], NDArray[np.bool_]]:
+    """For each gt id: the pred id of highest IoU, and whether that IoU is >= 0.5.
+
+    Only ids present in ``gt`` are flagged True/False; absent ids are False.
+    """
+    g, p = gt.astype(np.int64).ravel(), pred.astype(np.int64).ravel()
+    n_gt, n_pred = int(g.max()) + 1, int(p.max()) + 1
+    inter = np.bincount(g * n_pred + p, minlength=n_gt * n_pred).reshape(n_gt, n_pred)
+    union = inter.sum(1)[:, None] + inter.sum(0)[None, :] - inter
+    iou = np.divide(inter, union, out=np.zeros(inter.shape), where=union > 0)
+    iou[0, :] = iou[:, 0] = 0
+    best = iou.argmax(1)
+    return best, iou[np.arange(n_gt), best] >= 0.5
+
+
+def present_ids(inst: NDArray) -> NDArray[np.bool_]:
+    present = np.bincount(inst.ravel()) > 0
+    present[0] = False
+    return present
+
+
+def type_of_instance(inst: NDArray, type_map: NDArray) -> NDArray[np.int64]:
+    kinds = np.zeros(int(inst.max()) + 1, np.int64)
+    kinds[inst.ravel()] = type_map.ravel()
+    return kinds
+
+
+def assert_same_as_reference(result: HoverInstances, np_prob: NDArray, hv: NDArray,
+                             types: NDArray | None = None, **options: int) -> None:
+    """Labels identical up to renumbering; bbox, centroid, contour and type vote identical."""
+    ref_labels, records = reference_instances(np_prob, hv, types, **options)
+    ids = np.unique(ref_labels)
+    renumber = np.zeros(int(ids.max()) + 1, np.int32)
+    renumber[ids] = np.arange(len(ids), dtype=np.int32)
+    np.testing.assert_array_equal(result.labels, renumber[ref_labels])
+    assert len(result.nuclei) == len(records)
+    for nucleus, ref in zip(result.nuclei, records, strict=True):
+        assert nucleus.bbox == ref.bbox
+        np.testing.assert_allclose(nucleus.centroid, ref.centroid, rtol=0, atol=1e-9)
+        if len(ref.contour) >= 3 and cv2.contourArea(ref.contour) > 0:
+            np.testing.assert_array_equal(nucleus.contour, ref.contour.astype(np.float32))
+        if types is not None:
+            assert nucleus.type == ref.type
+            assert nucleus.type_prob == pytest.approx(ref.type_prob, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def drawn() -> tuple[NDArray, NDArray, NDArray, NDArray]:
+    """(instances, type map, np_prob, hv) of the drawn map at 0.25 µm/px."""
+    inst, type_map = draw_nuclei(seed=0)
+    _, hv = target_maps(inst)
+    return inst, type_map, noisy_prob(inst, seed=1), hv
+
+
+@pytest.fixture(scope="module")
+def consep() -> dict[str, NDArray]:
+    with np.load(CONSEP) as data:
+        # Two patches from each of four source images.
+        pick = [i for i, name in enumerate(data["names"]) if name.endswith(("_003", "_011"))][:8]
+        return {"inst": data["inst"][pick], "type_map": data["type_map"][pick]}
+
+
+# --------------------------------------------------------------------------- known answers
+
+
+def test_recovers_drawn_nuclei_and_their_types(drawn: tuple) -> None:
+    inst, type_map, np_prob, hv = drawn
+    # Mild type noise: 15 % of nucleus pixels vote for a random type (background included);
+    # the per-instance majority must still win.
+    rng = np.random.default_rng(2)
+    noisy_types = type_map.copy()
+    flip = (inst > 0) & (rng.random(inst.shape) < 0.15)
+    noisy_types[flip] = rng.integers(0, 5, int(flip.sum()))
+
+    result = hover_instances(np_prob, hv, noisy_types)
+
+    best, ok = match(inst, result.labels)
+    present = present_ids(inst)
+    assert present.sum() >= 95
+    assert ok[present].mean() >= 0.99
+    found_types = np.array([0] + [nucleus.type for nucleus in result.nuclei])
+    expected = type_of_instance(inst, type_map)
+    matched = present & ok
+    np.testing.assert_array_equal(found_types[best[matched]], expected[matched])
+
+
+def test_drawn_map_is_identical_to_the_official_algorithm(drawn: tuple) -> None:
+    _, type_map, np_prob, hv = drawn
+    assert_same_as_reference(hover_instances(np_prob, hv, type_map), np_prob, hv, type_map)
+
+
+def test_consep_annotations_are_identical_to_the_official_algorithm(consep: dict) -> None:
+    recovered = total = 0
+    for k, (inst, type_map) in enumerate(zip(consep["inst"], consep["type_map"], strict=True)):
+        _, hv = target_maps(inst)
+        np_prob = noisy_prob(inst, seed=k)
+        result = hover_instances(np_prob, hv, type_map)
+
+        assert_same_as_reference(result, np_prob, hv, type_map)
+        _, ok = match(inst, result.labels)
+        present = present_ids(inst)
+        recovered += int(ok[present].sum())
+        total += int(present.sum())
+    # Against the annotations themselves: instances under 10 px and fragments cut by the patch
+    # edge are lost by design (86 % over all 160 patches).
+    assert total > 300
+    assert recovered / total >= 0.8
+
+
+def test_consep_reference_instances_are_matched_with_equal_types(consep: dict) -> None:
+    inst, type_map = consep["inst"][0], consep["type_map"][0]
+    _, hv = target_maps(inst)
+    np_prob = noisy_prob(inst, seed=0)
+    ref_labels, records = reference_instances(np_prob, hv, type_map)
+    result = hover_instances(np_prob, hv, type_map)
+
+    best, ok = match(ref_labels, result.labels)
+    present = present_ids(ref_labels)
+    assert ok[present].mean() >= 0.99
+    ref_type = {rec.label: rec.type for rec in records}
+    for ref_id in np.flatnonzero(present & ok):
+        assert result.nuclei[best[ref_id] - 1].type == ref_type[int(ref_id)]
+
+
+def test_type_map_and_type_probabilities_give_the_same_result(drawn: tuple) -> None:
+    _, type_map, np_prob, hv = drawn
+    rng = np.random.default_rng(3)
+    probs = rng.random((5, *type_map.shape), dtype=np.float32) * 0.5
+    np.put_along_axis(probs, type_map[None], 1.0, axis=0)
+
+    from_map = hover_instances(np_prob, hv, type_map.astype(np.uint8))
+    from_probs = hover_instances(np_prob, hv, probs)
+
+    np.testing.assert_array_equal(from_map.labels, from_probs.labels)
+    assert [n.type for n in from_map.nuclei] == [n.type for n in from_probs.nuclei]
+    assert [n.type_prob for n in from_map.nuclei] == [n.type_prob for n in from_probs.nuclei]
+    assert {n.type for n in from_map.nuclei} == {1, 2, 3, 4}
+
+
+def test_untyped_nuclei_have_type_zero_and_probability_one(drawn: tuple) -> None:
+    _, _, np_prob, hv = drawn
+    result = hover_instances(np_prob, hv)
+    assert len(result) > 90
+    assert {(n.type, n.type_prob) for n in result.nuclei} == {(0, 1.0)}
+
+
+def test_half_resolution_uses_scaled_constants_and_recovers_nuclei() -> None:
+    inst, type_map = draw_nuclei(seed=4)
+    inst, type_map = inst[::2, ::2], type_map[::2, ::2]
+    _, hv = target_maps(inst)
+    np_prob = noisy_prob(inst, seed=5)
+
+    result = hover_instances(np_prob, hv, type_map, mpp=0.5)
+
+    best, ok = match(inst, result.labels)
+    present = present_ids(inst)
+    assert ok[present].mean() >= 0.97
+    found_types = np.array([0] + [n.type for n in result.nuclei])
+    matched = present & ok
+    np.testing.assert_array_equal(found_types[best[matched]],
+                                  type_of_instance(inst, type_map)[matched])
+    # The scaled run is the official algorithm with the scaled constants...
+    assert_same_as_reference(result, np_prob, hv, type_map, ksize=11, min_size=3, opening=3)
+    # ...and the scaling matters: the 40× constants merge most of these small nuclei.
+    _, ok_unscaled = match(inst, hover_instances(np_prob, hv, mpp=0.25).labels)
+    assert ok_unscaled[present].mean() < 0.8
+
+
+def test_scaled_constants_are_official_at_40x_and_shrink_with_resolution() -> None:
+    assert scaled_constants(0.25) == PostprocessConstants(sobel_ksize=21, min_size=10, opening=5)
+    assert scaled_constants(0.5) == PostprocessConstants(sobel_ksize=11, min_size=3, opening=3)
+    assert scaled_constants(1.0) == PostprocessConstants(sobel_ksize=7, min_size=1, opening=3)
+    assert scaled_constants(0.125) == PostprocessConstants(sobel_ksize=31, min_size=40, opening=11)
+    for mpp in (0.1, 0.2, 0.3, 0.46, 0.5, 0.7, 2.0):
+        c = scaled_constants(mpp)
+        assert c.sobel_ksize % 2 == 1 and 3 <= c.sobel_ksize <= 31
+        assert c.opening % 2 == 1 and c.opening >= 3
+        assert c.min_size >= 1
+    for bad in (0, -0.25, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="mpp"):
+            scaled_constants(bad)
+
+
+def test_float64_and_float16_inputs_give_the_float32_result(drawn: tuple) -> None:
+    _, type_map, np_prob, hv = drawn
+    expected = hover_instances(np_prob, hv, type_map).labels
+    got64 = hover_instances(np_prob.astype(np.float64), hv.astype(np.float64), type_map)
+    np.testing.assert_array_equal(got64.labels, expected)
+    got16 = hover_instances(np_prob.astype(np.float16), hv, type_map)
+    assert got16.labels.dtype == np.int32
+    _, ok = match(expected, got16.labels)
+    assert ok[present_ids(expected)].mean() >= 0.99
+
+
+def test_measurements_agree_with_skimage_regionprops(drawn: tuple) -> None:
+    _, _, np_prob, hv = drawn
+    result = hover_instances(np_prob, hv)
+    props = regionprops(result.labels)
+    for nucleus, prop in zip(result.nuclei, props, strict=True):
+        assert nucleus.label == prop.label
+        assert nucleus.area == prop.area
+        min_row, min_col, max_row, max_col = prop.bbox
+        assert nucleus.bbox == (min_col, min_row, max_col, max_row)
+        np.testing.assert_allclose(nucleus.centroid, prop.centroid[::-1], atol=1e-9)
+        assert nucleus.eccentricity == pytest.approx(prop.eccentricity, abs=1e-9)
+        assert 0.0 < nucleus.solidity <= 1.0
+        assert nucleus.solidity == pytest.approx(prop.solidity, abs=0.1)
+        assert nucleus.perimeter == pytest.approx(prop.perimeter, rel=0.1)
+        polygon = shapely.Polygon(nucleus.contour)
+        assert polygon.is_valid
+        assert polygon.area == pytest.approx(prop.area, rel=0.25)
+        mean = float(np_prob[result.labels == nucleus.label].mean(dtype=np.float64))
+        assert nucleus.np_prob == pytest.approx(mean, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- tiny hand-made maps
+
+
+def square_maps(size: int = 32) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """One 10×10 nucleus at rows 10..19, cols 12..21 (8×8 is too small for the official markers)."""
+    inst = np.zeros((size, size), np.int32)
+    inst[10:20, 12:22] = 1
+    return target_maps(inst)
+
+
+def test_empty_map_gives_no_nuclei() -> None:
+    result = hover_instances(np.zeros((16, 24), np.float32), np.zeros((2, 16, 24), np.float32))
+    assert result.nuclei == []
+    assert len(result) == 0
+    assert result.labels.dtype == np.int32
+    assert result.labels.shape == (16, 24)
+    assert not result.labels.any()
+
+
+def test_one_square_nucleus_is_measured_exactly() -> None:
+    np_prob, hv = square_maps()
+    result = hover_instances(np_prob, hv, np.full((32, 32), 3, np.uint8))
+
+    assert result.labels.dtype == np.int32
+    expected = np.zeros((32, 32), np.int32)
+    expected[10:20, 12:22] = 1
+    np.testing.assert_array_equal(result.labels, expected)
+    (nucleus,) = result.nuclei
+    assert isinstance(nucleus, Nucleus)
+    assert nucleus.label == 1
+    assert nucleus.area == 100
+    assert nucleus.bbox == (12, 10, 22, 20)
+    assert nucleus.centroid == (16.5, 14.5)
+    assert nucleus.contour.dtype == np.float32
+    assert sorted(map(tuple, nucleus.contour.tolist())) == [(12, 10), (12, 19), (21, 10), (21, 19)]
+    assert nucleus.perimeter == 36.0
+    assert nucleus.solidity == 1.0
+    assert nucleus.eccentricity == 0.0
+    assert (nucleus.type, nucleus.type_prob, nucleus.np_prob) == (3, 1.0, 1.0)
+
+
+def test_objects_under_min_size_are_dropped() -> None:
+    np_prob, hv = square_maps()
+    assert len(hover_instances(np_prob, hv)) == 1
+    assert len(hover_instances(np_prob, hv, min_size=0)) == 1
+    assert hover_instances(np_prob, hv, min_size=101).nuclei == []
+
+
+def test_type_vote_follows_the_official_rules() -> None:
+    labels = np.zeros((4, 10), np.int32)
+    labels[0, :] = 1  # 6 background votes, 3 for type 2, 1 for type 1 -> type 2
+    labels[1, :] = 2  # 5 for type 1, 5 for type 3 -> the lower index, 1
+    labels[2, :] = 4  # all background -> stays 0 (id 3 absent: skipped)
+    types = np.zeros((4, 10), np.int64)
+    types[0, :4] = [2, 2, 2, 1]
+    types[1, :] = [1, 3] * 5
+
+    nuclei = measure_nuclei(labels, types=types)
+
+    assert [n.label for n in nuclei] == [1, 2, 4]
+    assert [n.type for n in nuclei] == [2, 1, 0]
+    assert [n.type_prob for n in nuclei] == pytest.approx([0.3, 0.5, 1.0])
+    assert [n.np_prob for n in nuclei] == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("pixels", [
+    [(5, 5)],
+    [(5, 4), (5, 5)],
+    [(5, 3), (5, 4), (5, 5)],
+    [(3, 3), (4, 4), (5, 5)],
+    [(4, 4), (4, 5), (5, 4), (5, 5)],
+])
+def test_tiny_nuclei_still_get_a_valid_polygon(pixels: list[tuple[int, int]]) -> None:
+    labels = np.zeros((10, 10), np.uint16)
+    for row, col in pixels:
+        labels[row, col] = 7
+    (nucleus,) = measure_nuclei(labels)
+    assert nucleus.label == 7 and nucleus.area == len(pixels)
+    assert nucleus.contour.dtype == np.float32 and nucleus.contour.shape[1] == 2
+    assert len(nucleus.contour) >= 3
+    polygon = shapely.Polygon(nucleus.contour)
+    assert polygon.is_valid and polygon.area > 0
+    # The polygon covers every pixel centre.
+    assert all(polygon.buffer(1e-6).contains(shapely.Point(c, r)) for r, c in pixels)
+    assert nucleus.perimeter > 0
+    assert 0 < nucleus.solidity <= 1
+
+
+def test_solidity_is_area_over_the_hull_of_the_pixel_squares() -> None:
+    labels = np.zeros((8, 8), np.int32)
+    labels[2, 2] = labels[3, 2] = labels[3, 3] = 1  # 3-pixel L: hull of the squares is 3.5
+    labels[5:7, 4:7] = 2  # 2×3 block: convex
+    labels[5, 0] = 3
+    first, second, third = measure_nuclei(labels)
+    assert first.solidity == pytest.approx(3 / 3.5)
+    assert second.solidity == 1.0
+    assert third.solidity == 1.0
+
+
+def test_thin_shapes_keep_the_opencv_contour() -> None:
+    # An L of 1-px-wide arms: OpenCV's contour retraces the arms (not a simple polygon, like the
+    # official output); writers make polygons valid before export.
+    labels = np.zeros((10, 10), np.int32)
+    labels[2:5, 5] = labels[4, 5:8] = 1
+    (nucleus,) = measure_nuclei(labels)
+    contours, _ = cv2.findContours(labels.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_SIMPLE)
+    np.testing.assert_array_equal(nucleus.contour, contours[0].reshape(-1, 2).astype(np.float32))
+
+
+def test_labels_and_contours_keep_their_dtypes(drawn: tuple) -> None:
+    _, _, np_prob, hv = drawn
+    result = hover_instances(np_prob, hv)
+    assert result.labels.dtype == np.int32
+    assert np.array_equal(np.unique(result.labels), np.arange(len(result) + 1))
+    assert all(n.contour.dtype == np.float32 for n in result.nuclei)
+    assert [n.label for n in result.nuclei] == list(range(1, len(result) + 1))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(("np_prob", "hv", "types", "message"), [
+    (np.zeros((8, 8, 1)), np.zeros((2, 8, 8)), None, r"np_prob .*shape \(8, 8, 1\)"),
+    (np.zeros((8, 8)), np.zeros((8, 8, 2)), None, r"hv .*shape \(8, 8, 2\)"),
+    (np.zeros((8, 8)), np.zeros((2, 8, 9)), None, r"hv .*shape \(2, 8, 9\)"),
+    (np.zeros((8, 8)), np.zeros((2, 8)), None, r"hv .*shape \(2, 8\)"),
+    (np.zeros((0, 8)), np.zeros((2, 0, 8)), None, r"np_prob .*shape \(0, 8\)"),
+    (np.full((8, 8), np.nan), np.zeros((2, 8, 8)), None, r"np_prob .*NaN"),
+    (np.zeros((8, 8)), np.full((2, 8, 8), np.inf), None, r"hv .*NaN"),
+    (np.zeros((8, 8), "U1"), np.zeros((2, 8, 8)), None, r"np_prob .*dtype"),
+    (np.zeros((8, 8)), np.zeros((2, 8, 8)), np.zeros((8, 9), int), r"types .*shape \(8, 9\)"),
+    (np.zeros((8, 8)), np.zeros((2, 8, 8)), np.zeros((3, 8, 9)), r"types .*\(3, 8, 9\)"),
+    (np.zeros((8, 8)), np.zeros((2, 8, 8)), np.zeros((8,), int), r"types .*shape \(8,\)"),
+    (np.zeros((8, 8)), np.zeros((2, 8, 8)), np.zeros((8, 8)), r"types .*float64"),
+    (np.zeros((8, 8)), np.zeros((2, 8, 8)), np.full((8, 8), -1), r"types .*>= 0"),
+    (np.zeros((8, 8)), np.zeros((2, 8, 8)), np.full((8, 8), 300), r"types .*< 256"),
+    (np.zeros((8, 8)), np.zeros((2, 8, 8)), np.zeros((300, 8, 8)), r"types .*\(300, 8, 8\)"),
+    (np.zeros((8, 8)), np.zeros((2, 8, 8)), np.full((4, 8, 8), np.nan), r"types .*NaN"),
+])
+def test_bad_arrays_raise_value_error_naming_the_argument(
+    np_prob: NDArray, hv: NDArray, types: NDArray | None, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        hover_instances(np_prob, hv, types)
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("mpp", 0.0), ("mpp", -1.0), ("np_threshold", float("nan")),
+    ("marker_threshold", float("inf")), ("min_size", -1), ("min_size", 2.5),
+    ("sobel_ksize", 4), ("sobel_ksize", 33), ("sobel_ksize", 1),
+])
+def test_bad_options_raise_value_error_naming_the_option(option: str, value: float) -> None:
+    np_prob, hv = square_maps()
+    options: dict[str, Any] = {option: value}
+    with pytest.raises(ValueError, match=option):
+        hover_instances(np_prob, hv, **options)
+
+
+def test_measure_nuclei_rejects_non_integer_or_negative_labels() -> None:
+    with pytest.raises(ValueError, match=r"labels .*float"):
+        measure_nuclei(np.zeros((4, 4)))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"labels"):
+        measure_nuclei(np.full((4, 4), -2))
+    with pytest.raises(ValueError, match=r"np_prob .*\(4, 5\)"):
+        measure_nuclei(np.zeros((4, 4), np.int32), np_prob=np.zeros((4, 5)))
