@@ -127,8 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folders", type=Path, nargs="+", help="map set folders (maps_<size>)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the results")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-seconds", type=float, default=600.0,
-                        help="fewer repeats for a map set whose first run takes longer than this share")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
@@ -145,21 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"side": "tiatoolbox", "versions": versions(), "sets": {}}
     for folder in args.folders:
         maps = tia_inputs(folder)
-        first = run_one(model, timer, maps, 1)
-        repeats = args.repeats - 1 if first["seconds"][0] * args.repeats <= args.max_seconds else 0
-        rest = run_one(model, timer, maps, repeats) if repeats else None
-        seconds = first["seconds"] + (rest["seconds"] if rest else [])
-        stages = first["stages"] + (rest["stages"] if rest else [])
-        final = rest or first
+        run = run_one(model, timer, maps, args.repeats)
+        seconds, stages = run["seconds"], run["stages"]
         name = folder.name
-        np.save(args.out / f"{name}_labels.npy", final["labels"])
-        np.savez(args.out / f"{name}_types.npz", ids=final["ids"], types=final["types"])
+        np.save(args.out / f"{name}_labels.npy", run["labels"])
+        np.savez(args.out / f"{name}_types.npz", ids=run["ids"], types=run["types"])
         report["sets"][name] = {
             "shape": list(maps[0].shape[:2]), "seconds": seconds, "stages": stages,
-            "nuclei": len(final["ids"]),
+            "nuclei": len(run["ids"]),
         }
         print(f"tiatoolbox {name}: {min(seconds):.3f} s (min of {len(seconds)}), "
-              f"{len(final['ids'])} nuclei", flush=True)
+              f"{len(run['ids'])} nuclei", flush=True)
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (args.out / "tiatoolbox.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -132,12 +132,13 @@ def mosaic(
     for k in range(rows * cols):
         r, c = divmod(k, cols)
         patch = insts[order[k]]
-        _, dense = np.unique(patch, return_inverse=True)
-        dense = dense.reshape(patch.shape)
-        # np.unique sorts, so background (0) keeps index 0 and nuclei become 1..m.
+        ids, dense = np.unique(patch, return_inverse=True)
+        # np.unique sorts: with background present it is index 0 and nuclei are 1..m already.
+        dense = dense.reshape(patch.shape) + (0 if ids[0] == 0 else 1)
+        nucleus = patch > 0
         window = (slice(r * h, (r + 1) * h), slice(c * w, (c + 1) * w))
-        inst[window] = np.where(dense > 0, dense + offset, 0)
-        type_map[window] = np.where(dense > 0, types[order[k]], 0)
+        inst[window] = np.where(nucleus, dense + offset, 0)
+        type_map[window] = np.where(nucleus, types[order[k]], 0)
         offset += int(dense.max())
     inst = inst[:size, :size]
     type_map = type_map[:size, :size]

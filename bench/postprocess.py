@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -317,19 +318,49 @@ def _folders(maps_dir: Path, sizes: Sequence[int]) -> list[Path]:
     return folders
 
 
+def _merge_round(total: dict[str, Any], part: dict[str, Any]) -> None:
+    """Append one round's timings to the accumulated ones of a side."""
+    for name, entry in part["sets"].items():
+        acc = total["sets"].setdefault(name, {**entry, "seconds": [], "stages": []})
+        acc["seconds"] += entry["seconds"]
+        acc["stages"] += entry["stages"]
+        acc["nuclei"] = entry["nuclei"]
+    total["versions"] = part["versions"]
+    total["peak_rss_mb"] = max(total.get("peak_rss_mb", 0.0), part["peak_rss_mb"])
+
+
 def run(sizes: Sequence[int], *, repeats: int, maps_dir: Path, out: Path,
         tia_max_seconds: float) -> dict[str, Any]:
-    """The whole benchmark: maps, TIAToolbox's side (subprocess), ours, comparison."""
+    """The whole benchmark: maps, then ``repeats`` rounds of TIAToolbox's side (a subprocess)
+    followed by ours on every map set, then the comparison of the outputs.
+
+    Alternating rounds expose both sides to the same background load on a shared machine. A map
+    set whose first TIAToolbox run times ``repeats`` exceeds ``tia_max_seconds`` is run by
+    TIAToolbox in the first round only.
+    """
+    from report import machine_facts
+
     folders = _folders(maps_dir, sizes)
     python = ensure_tiatoolbox_venv()
     tia_out, our_out = out / "tiatoolbox", out / "hoverserve"
     our_out.mkdir(parents=True, exist_ok=True)
-    # TIAToolbox first, then ours: never both at once (two cores, shared caches).
-    cmd = [str(python), str(BENCH / "_tiatoolbox_side.py"), *map(str, folders), "--out", str(tia_out),
-           "--repeats", str(repeats), "--max-seconds", str(tia_max_seconds)]
-    subprocess.run(cmd, check=True)
-    tia = json.loads((tia_out / "tiatoolbox.json").read_text())
-    ours = run_ours(folders, our_out, repeats)
+    facts = machine_facts()
+    tia: dict[str, Any] = {"sets": {}}
+    ours: dict[str, Any] = {"sets": {}}
+    tia_folders = list(folders)
+    loads = []
+    for round_index in range(repeats):
+        loads.append(round(os.getloadavg()[0], 2))
+        print(f"round {round_index + 1}/{repeats} (load average {loads[-1]})", flush=True)
+        if tia_folders:
+            # Never both sides at once: TIAToolbox's subprocess ends before ours starts.
+            subprocess.run([str(python), str(BENCH / "_tiatoolbox_side.py"), *map(str, tia_folders),
+                            "--out", str(tia_out), "--repeats", "1"], check=True)
+            _merge_round(tia, json.loads((tia_out / "tiatoolbox.json").read_text()))
+        _merge_round(ours, run_ours(folders, our_out, 1))
+        if round_index == 0:
+            tia_folders = [f for f in folders
+                           if tia["sets"][f.name]["seconds"][0] * repeats <= tia_max_seconds]
     sets = {}
     for folder in folders:
         name = folder.name
@@ -348,7 +379,8 @@ def run(sizes: Sequence[int], *, repeats: int, maps_dir: Path, out: Path,
                       **speed, "comparison": comparison,
                       "tia_stages": _stage_min(tia["sets"][name]),
                       "our_stages": _stage_min(ours["sets"][name])}
-    return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "repeats": repeats, "sets": sets,
+    return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "repeats": repeats, "machine": facts,
+            "loadavg_per_round": loads, "sets": sets,
             "tiatoolbox": {"versions": tia["versions"], "peak_rss_mb": tia["peak_rss_mb"]},
             "hoverserve": {"versions": ours["versions"], "peak_rss_mb": ours["peak_rss_mb"]}}
 

@@ -7,8 +7,8 @@ batch axis dynamic, patch size fixed (``card.input_size`` in, ``card.output_size
 
 from __future__ import annotations
 
-import io
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -34,6 +34,10 @@ _CHECK_SEED = 20190821
 """Seed of the random check image, so a failing export reproduces."""
 
 
+class _ContractError(ValueError):
+    """The wrapped model's outputs break the model contract (raised while tracing)."""
+
+
 class OnnxHead(nn.Module):
     """Export-only wrapper: raw head logits → the probabilities of the model contract.
 
@@ -57,9 +61,9 @@ class OnnxHead(nn.Module):
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
         out = self.model(image)
         if not isinstance(out, dict) or "np" not in out or "hv" not in out:
-            raise ValueError("model.forward must return a dict with 'np' and 'hv' logits")
+            raise _ContractError("model.forward must return a dict with 'np' and 'hv' logits")
         if self.typed != ("tp" in out):
-            raise ValueError(
+            raise _ContractError(
                 f"the card is {'typed' if self.typed else 'untyped'} but the model "
                 f"{'returns' if 'tp' in out else 'does not return'} 'tp' logits"
             )
@@ -94,7 +98,7 @@ def export_onnx(
     Parameters
     ----------
     model : torch.nn.Module
-        Network following the contract above (CPU weights).
+        Network following the contract above, on any device.
     card : ModelCard
         Card to embed (ONNX ``metadata_props``, see :func:`models.card.card_metadata`).
     output : str or Path
@@ -120,9 +124,12 @@ def export_onnx(
     output = Path(output)
     if not output.parent.is_dir():
         raise ValueError(f"output folder {output.parent} does not exist")
-    sample = _random_image(1, card.input_size)
-    proto_bytes = _trace_to_onnx(OnnxHead(model, typed=bool(card.classes)), sample, opset)
-    _write_with_card(proto_bytes, card, output)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    sample = _random_image(1, card.input_size).to(device)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".export-") as tmp:
+        traced = Path(tmp) / "traced.onnx"
+        _trace_to_onnx(OnnxHead(model, typed=bool(card.classes)), sample, traced, opset=opset)
+        _write_with_card(traced, card, output)
     logger.info("exported %s (%.1f MB)", output, output.stat().st_size / 1e6)
     if check:
         check_onnx(output, card)
@@ -170,24 +177,23 @@ def _random_image(batch: int, size: int) -> Tensor:
     return torch.rand(batch, 3, size, size, generator=generator) * 255.0
 
 
-def _trace_to_onnx(head: OnnxHead, sample: Tensor, opset: int) -> bytes:
-    """Serialized ONNX model of ``head`` traced on ``sample`` (legacy TorchScript exporter)."""
+def _trace_to_onnx(head: OnnxHead, sample: Tensor, path: Path, *, opset: int) -> None:
+    """Write the ONNX model of ``head`` traced on ``sample`` (legacy TorchScript exporter)."""
     output_names = list(OUTPUT_NAMES if head.typed else OUTPUT_NAMES[:2])
     dynamic = {name: {0: "batch"} for name in [INPUT_NAME, *output_names]}
     was_training = head.model.training
     head.model.eval()
-    buffer = io.BytesIO()
     try:
         # The tracer's warnings (shape arithmetic frozen into constants) are expected for a
-        # fixed patch size; the check run below validates the result instead.
+        # fixed patch size; export_onnx's check run validates the result instead.
         with warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always")
             torch.onnx.export(
-                head, (sample,), buffer, input_names=[INPUT_NAME], output_names=output_names,
+                head, (sample,), str(path), input_names=[INPUT_NAME], output_names=output_names,
                 dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True,
                 dynamo=False,
             )
-    except ValueError:
+    except _ContractError:
         raise
     except Exception as exc:  # the exporter raises many unrelated types
         raise ExportError(f"ONNX export failed: {exc}") from exc
@@ -195,13 +201,12 @@ def _trace_to_onnx(head: OnnxHead, sample: Tensor, opset: int) -> bytes:
         head.model.train(was_training)
     for item in caught:
         logger.debug("exporter warning: %s", item.message)
-    return buffer.getvalue()
 
 
-def _write_with_card(proto_bytes: bytes, card: ModelCard, output: Path) -> None:
+def _write_with_card(traced: Path, card: ModelCard, output: Path) -> None:
     import onnx
 
-    proto = onnx.load_from_string(proto_bytes)
+    proto = onnx.load(str(traced))
     props = {p.key: p.value for p in proto.metadata_props}
     props.update(card_metadata(card))
     onnx.helper.set_model_props(proto, props)

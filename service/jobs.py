@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from enum import Enum
+from enum import StrEnum
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -28,7 +28,7 @@ __all__ = [
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-class JobState(str, Enum):
+class JobState(StrEnum):
     """Where a job is: queued → running → succeeded | failed | cancelled."""
 
     QUEUED = "queued"

@@ -225,7 +225,7 @@ class Store:
 
     def read_prepared(self, job_id: str) -> Any:
         # The pickle is written by our own prepare task into the job's own folder.
-        return pickle.loads(self.read_bytes(self._job_key(job_id, "prepared.pkl")))  # noqa: S301
+        return pickle.loads(self.read_bytes(self._job_key(job_id, "prepared.pkl")))
 
     def has_region(self, job_id: str, index: int) -> bool:
         return self.exists(self._job_key(job_id, "regions", f"{index:06d}.npz"))

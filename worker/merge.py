@@ -84,6 +84,13 @@ def _near_seam(table: NucleusTable, regions: Sequence[Region], grid: ModelGrid,
     return (~inside) | (edge < 2 * band), inside
 
 
+def _polygon(vertices: NDArray[np.float32]) -> shapely.Geometry:
+    if len(vertices) >= 3:
+        return shapely.Polygon(np.asarray(vertices, np.float64))
+    # A nucleus of one or two boundary pixels: a small disc stands in for its outline.
+    return shapely.Point(np.asarray(vertices, np.float64).mean(axis=0)).buffer(0.5)
+
+
 def resolve_seams(
     table: NucleusTable,
     regions: Sequence[Region],
@@ -103,8 +110,7 @@ def resolve_seams(
     cand = np.flatnonzero(near)
     if len(cand) < 2:
         return table
-    polys = shapely.polygons([np.asarray(table.polygon(i), np.float64) for i in cand])
-    polys = shapely.make_valid(polys)
+    polys = shapely.make_valid(np.array([_polygon(table.polygon(i)) for i in cand], dtype=object))
     tree = shapely.STRtree(polys)
     left, right = tree.query(polys, predicate="intersects")
     pairs = left < right

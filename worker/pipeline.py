@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -29,6 +29,9 @@ from worker.merge import region_table, resolve_seams
 from worker.nuclei import NucleusTable
 from worker.plan import DEFAULT_HALO_UM, DEFAULT_REGION_SIZE, Box, Region, plan_regions
 from worker.read import ModelGrid, model_grid, read_model_box
+
+if TYPE_CHECKING:
+    from worker.slide import Slide
 
 __all__ = [
     "InferenceOptions",
@@ -148,9 +151,18 @@ def _roi_box(roi: tuple[int, int, int, int] | None, shape: tuple[int, int]) -> B
     return box
 
 
-def plan_slide(slide, card: ModelCard, options: InferenceOptions):
-    """Open-slide → (plan, thumbnail, thumbnail downsample, tissue area mm²)."""
-    from worker.tissue import TissueMask, load_tissue_mask, tissue_mask_for
+def plan_slide(
+    slide: Slide,
+    card: ModelCard,
+    options: InferenceOptions,
+    *,
+    thumbnail: tuple[NDArray[np.uint8], float] | None = None,
+) -> tuple[SlidePlan, float]:
+    """Plan an open slide's regions; returns the plan and the analysed tissue area in mm².
+
+    ``thumbnail`` (image, downsample), when the caller has one, spares a second thumbnail read.
+    """
+    from worker.tissue import TissueMask, detect_tissue, load_tissue_mask, tissue_mask_for
 
     grid = model_grid(slide, card.mpp)
     roi0 = _roi_box(options.roi, slide.shape)
@@ -160,7 +172,10 @@ def plan_slide(slide, card: ModelCard, options: InferenceOptions):
     if options.tissue == "none":
         mask = None
     elif options.tissue == "auto":
-        mask = tissue_mask_for(slide)
+        if thumbnail is None:
+            mask = tissue_mask_for(slide)
+        else:
+            mask = TissueMask(detect_tissue(thumbnail[0]), thumbnail[1])
     else:
         mask = load_tissue_mask(Path(options.tissue), slide.shape)
     halo = math.ceil(options.halo_um / grid.mpp)
@@ -327,8 +342,8 @@ def prepare_slide(slide_path: str | Path, card: ModelCard, options: InferenceOpt
 
     slide_path = Path(slide_path)
     with open_slide(slide_path, mpp=options.mpp) as slide:
-        plan, tissue_mm2 = plan_slide(slide, card, options)
         thumbnail, thumb_downsample = slide.thumbnail(max_side=2048)
+        plan, tissue_mm2 = plan_slide(slide, card, options, thumbnail=(thumbnail, thumb_downsample))
         slide_info = {
             "name": slide_path.name, "format": slide.format, "shape": list(slide.shape),
             "width": slide.shape[1], "height": slide.shape[0], "mpp": slide.mpp,

@@ -189,12 +189,8 @@ class DenseBlock(nn.Module):
             DenseUnit(in_ch + idx * growth, kernel_size=kernel_size, growth=growth)
             for idx in range(count)
         )
-        self.blk_bna = nn.Sequential(OrderedDict(bn_relu(in_ch + count * growth)))
-
-    @property
-    def out_ch(self) -> int:
-        """Channels produced by the block."""
-        return int(self.blk_bna.bn.num_features)
+        self.out_ch = in_ch + count * growth
+        self.blk_bna = nn.Sequential(OrderedDict(bn_relu(self.out_ch)))
 
     def forward(self, x: Tensor) -> Tensor:
         feat = x

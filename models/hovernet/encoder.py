@@ -24,8 +24,8 @@ STAGES = (  # (in, bottleneck, out, units, stride) of d0..d3
 class HoVerNetEncoder(nn.Module):
     """Encoder with the official top-level names ``conv0``, ``d0``..``d3`` and ``conv_bot``.
 
-    The full network subclasses this module so that its parameters stay at the top level of
-    the state dict, as in the official checkpoints.
+    The full network subclasses this module (and defines ``forward``) so that these parameters
+    stay at the top level of the state dict, as in the official checkpoints.
 
     Parameters
     ----------
@@ -70,6 +70,3 @@ class HoVerNetEncoder(nn.Module):
         d2 = self.d2(d1)
         d3 = self.conv_bot(self.d3(d2))
         return [d0, d1, d2, d3]
-
-    def forward(self, image: Tensor) -> list[Tensor]:
-        return self.encode(image)

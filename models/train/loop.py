@@ -140,7 +140,8 @@ def run_training(
         seed=config.seed,
         source_weights=config.data.source_weights,
     )
-    model = build_model(config.model).to(dev)
+    # channels-last is 2-3x faster for oneDNN's convolution backward on CPU (and fine on CUDA)
+    model = build_model(config.model).to(dev, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     scheduler = _scheduler(optimizer, config)
     loss_fn = HoverLoss(config.loss.weights, class_weights=config.loss.class_weights).to(dev)
@@ -166,6 +167,7 @@ def run_training(
     bar = tqdm(total=config.steps, initial=start, disable=not progress, mininterval=5.0, desc=config.name)
     for step in range(start, config.steps):
         batch = {k: v.to(dev, non_blocking=True) for k, v in sampler.batch(step, config.batch_size).items()}
+        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
         loss, terms = loss_fn(model(batch["image"]), batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}: {terms}")

@@ -22,6 +22,7 @@ from service.errors import (
     ResultNotFound,
     ResultsExpired,
     ServiceError,
+    slide_error_code,
 )
 from service.jobs import JobOptions, JobRecord, JobState, SlideRef, new_job_id, transition
 from service.schemas import ErrorBody, ErrorDetail, JobList, JobProgress, JobStatus, SlideInfo
@@ -112,7 +113,7 @@ def _validate_slide(path: Path, options: JobOptions) -> None:
 
     with open_slide(path, mpp=options.mpp) as slide:
         if options.roi is not None:
-            x, y, w, h = options.roi
+            x, y, _, _ = options.roi
             height, width = slide.shape[:2]
             if x >= width or y >= height:
                 raise InvalidOptions(
@@ -178,7 +179,7 @@ async def create_job(request: Request, response: Response, services: ServicesDep
             slide = await run_in_threadpool(_store_upload, services, upload, options)
             services.metrics.upload_bytes.inc(upload.size)
     except (ServiceError, SlideError) as exc:
-        code = exc.code if isinstance(exc, ServiceError) else type(exc).__name__
+        code = exc.code if isinstance(exc, ServiceError) else slide_error_code(exc)
         services.metrics.uploads_rejected.labels(code).inc()
         raise
     finally:

@@ -52,6 +52,10 @@ def service_env(tmp: Path, **settings: str) -> dict[str, str]:
     return env
 
 
+_MAIN = "import sys; from service.cli import main; sys.exit(main(sys.argv[1:]))"
+"""The ``hoverserve`` console script (``-m service.cli`` would register no service commands)."""
+
+
 class Process:
     """A ``hoverserve`` subcommand in its own process group, logging to a file."""
 
@@ -59,7 +63,7 @@ class Process:
         self.log = log
         with log.open("ab") as fh:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", *args], env=env, cwd=ROOT,
+                [sys.executable, "-c", _MAIN, *args], env=env, cwd=ROOT,
                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
 
     @property

@@ -68,9 +68,9 @@ def test_seams_cut_through_many_nuclei(scene: dict) -> None:
     cut = set()
     for line in range(256, max(SHAPE), 256):
         if line < SHAPE[0]:
-            cut |= set(np.unique(inst[line - 1][inst[line - 1] == inst[line]]) - {0})
+            cut |= set(np.unique(inst[line - 1][inst[line - 1] == inst[line]]).tolist()) - {0}
         if line < SHAPE[1]:
-            cut |= set(np.unique(inst[:, line - 1][inst[:, line - 1] == inst[:, line]]) - {0})
+            cut |= set(np.unique(inst[:, line - 1][inst[:, line - 1] == inst[:, line]]).tolist()) - {0}
     assert len(cut) >= 40
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import openslide
 import pydicom
 import pytest
 import tifffile
@@ -306,6 +307,20 @@ def test_the_dicom_fallback_clips_the_last_partial_frames() -> None:
     np.testing.assert_array_equal(corner[:138, :236], last[:138, :236])
     assert (corner[138:] == 255).all()
     assert (corner[:, 236:] == 255).all()
+
+
+def test_the_dicom_fallback_reads_conformant_jpeg_and_uncompressed_files_too() -> None:
+    synthetic = SLIDES / "synthetic"
+    with OpenSlideSlide(synthetic / "boxes_0.dcm") as reference:
+        level0 = reference.read(0, row=0, col=0, height=16, width=16)
+    with openslide.OpenSlide(str(synthetic / "boxes_0.dcm")) as osr:
+        thumbnail = np.asarray(osr.associated_images["thumbnail"].convert("RGB"))
+    with DicomFrameSlide(synthetic / "boxes_0.dcm") as jpeg:  # one 64×64 JPEG frame, 16×16 used
+        assert jpeg.mpp == pytest.approx(0.499)  # from the shared functional groups
+        assert _mean_abs_diff(jpeg.read(0, row=0, col=0, height=16, width=16), level0) < 0.5
+    with DicomFrameSlide(synthetic / "boxes_1.dcm") as native:  # explicit VR, uncompressed
+        assert native.properties["transfer_syntax"] == "Explicit VR Little Endian"
+        np.testing.assert_array_equal(native.read(0, row=0, col=0, height=16, width=16), thumbnail)
 
 
 def test_a_truncated_dicom_is_refused(tmp_path: Path) -> None:

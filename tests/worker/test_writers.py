@@ -43,7 +43,8 @@ from worker.writers import (
     zip_zarr,
 )
 
-CHECKER = Path(__file__).resolve().parents[2] / ".." / "shared" / "tools" / "qupath_geojson_check.py"
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
+CHECKER = SHARED / "tools" / "qupath_geojson_check.py"
 
 SLIDE_SHAPE = (1000, 2000)  # level-0 (height, width)
 MPP = 0.5
@@ -59,7 +60,8 @@ CARD = ModelCard(name="test-model", input_size=256, output_size=164, mpp=0.25, c
 SQUARE = [(100, 100), (120, 100), (120, 120), (100, 120)]
 BOW_TIE = [(300, 300), (340, 340), (340, 300), (300, 340)]
 COLLINEAR = [(500, 500), (510, 510), (520, 520)]
-FOUR_DECIMALS = [(700.12345, 200.5), (730.98765, 200.5), (730.98765, 230.0001), (700.12345, 230.0001)]
+FOUR_DECIMALS = [(700.12345, 200.5), (730.98765, 200.5), (730.98765, 230.0001),
+                 (700.12345, 230.0001)]
 # Valid as given; rounding moves (905, 400.004) onto the bottom edge, so the ring touches itself.
 NOTCH = [(900, 400), (910, 400), (910, 410), (905, 400.004), (900, 410)]
 ACROSS_EDGE = [(1990, 600), (2010, 600), (2010, 620), (1990, 620)]  # slide is 2000 wide
@@ -166,7 +168,8 @@ def test_features_are_classified_detections(table: NucleusTable, tmp_path: Path,
         assert "type" not in feature["properties"]  # an alias of objectType in QuPath
         assert feature["properties"]["classification"] == {"name": "Tumour", "color": [255, 0, 0]}
         ring = feature["geometry"]["coordinates"][0]
-        assert feature["geometry"]["type"] == "Polygon" and len(feature["geometry"]["coordinates"]) == 1
+        assert feature["geometry"]["type"] == "Polygon"
+        assert len(feature["geometry"]["coordinates"]) == 1
         assert len(ring) >= 4 and ring[0] == ring[-1]
     assert by_id[ids[BOW_TIE_ROW]]["properties"]["classification"] == {
         "name": "Lymphocyte", "color": [0, 128, 255]}
@@ -203,16 +206,18 @@ def test_polygon_broken_by_rounding_is_repaired(table: NucleusTable, tmp_path: P
     assert notch.is_valid and notch.area == pytest.approx(25.0)
 
 
-def test_contour_spike_is_cut_and_nucleus_outside_the_slide_dropped() -> None:
+def test_contour_spike_is_cut_and_nuclei_outside_the_slide_or_not_finite_dropped() -> None:
     spike = [(10, 10), (20, 10), (20, 15), (25, 15), (20, 15), (20, 20), (10, 20)]  # a cv2 habit
     outside = square(2100, 500)
-    polygons = clean_polygons(make_table([spike, outside], [1, 1]), slide_shape=SLIDE_SHAPE)
+    not_a_number = [(50, 50), (60, math.nan), (60, 60)]
+    polygons = clean_polygons(make_table([spike, outside, not_a_number], [1, 1, 1]),
+                              slide_shape=SLIDE_SHAPE)
 
-    assert polygons.rows.tolist() == [0] and polygons.dropped.tolist() == [1]
+    assert polygons.rows.tolist() == [0] and polygons.dropped.tolist() == [1, 2]
     assert polygons.repaired.tolist() == [0]
     repaired = shapely.Polygon(polygons.ring(0))
     assert repaired.is_valid and repaired.area == pytest.approx(100.0)
-    assert polygons.stats == {"written": 1, "repaired": 1, "dropped": 1}
+    assert polygons.stats == {"written": 1, "repaired": 1, "dropped": 2}
 
 
 def test_coordinates_have_two_decimals_and_lie_in_the_slide(table: NucleusTable, tmp_path: Path,

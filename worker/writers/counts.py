@@ -2,9 +2,10 @@
 
 Layout (every number finite, no nulls)::
 
-    {"classes": {"Neoplastic": 120, "Inflammatory": 0, ...},   # every class of the card, in order,
-                                                              # background excluded ("Nucleus" if untyped)
-     "unclassified": 0,        # typed model only: nuclei whose type is background (not in "classes")
+    {"classes": {"Neoplastic": 120, "Inflammatory": 0, ...},  # every class of the card in
+                                                             # order, background excluded
+                                                             # ("Nucleus" if untyped)
+     "unclassified": 0,        # typed model only: nuclei of type 0 (background), in no class
      "total": 120,             # all nuclei of the table
      "tissue_area_mm2": 1.5,
      "density_per_mm2": {"Neoplastic": 80.0, "Inflammatory": 0.0, ..., "total": 80.0},

@@ -90,7 +90,8 @@ class CleanPolygons:
     repaired : (r,) int64 ndarray
         Rows whose polygon was invalid and was replaced by the largest polygon of its valid form.
     dropped : (d,) int64 ndarray
-        Rows not written: fewer than 3 vertices, no area, or beyond repair.
+        Rows not written: fewer than 3 vertices, a non-finite vertex, no area inside the slide,
+        or beyond repair.
     """
 
     rows: NDArray[np.int64]
@@ -215,9 +216,11 @@ def clean_polygons(
         raise TypeError(f"table must be a NucleusTable, got {type(table).__name__}")
     height, width = _slide_size(slide_shape)
     lengths = np.diff(table.offsets)
-    is_candidate = lengths >= 3
-    candidates = np.flatnonzero(is_candidate)
     vertex_row = np.repeat(np.arange(len(table)), lengths)
+    bad_vertices = np.bincount(vertex_row, weights=~np.isfinite(table.vertices).all(axis=1),
+                               minlength=len(table))
+    is_candidate = (lengths >= 3) & (bad_vertices == 0)
+    candidates = np.flatnonzero(is_candidate)
     verts = _snap(table.vertices[is_candidate[vertex_row]], width, height)
     ring_len = lengths[candidates]
     starts = np.concatenate([[0], np.cumsum(ring_len)]).astype(np.int64)
@@ -438,24 +441,24 @@ def write_geojson(
     n = len(polygons)
     bounds = list(range(0, n, max_per_file)) + [n] if n else [0, 0]
     split = len(bounds) > 2
-    parts = []
+    names, counts = [], []
     for i, (lo, hi) in enumerate(itertools.pairwise(bounds), start=1):
-        name = part_name(i) if split else GEOJSON_NAME
-        _write_part(fs, join(root, name), formatter, lo, hi, compresslevel)
-        parts.append({"name": name, "count": hi - lo})
-    names = [part["name"] for part in parts]
+        names.append(part_name(i) if split else GEOJSON_NAME)
+        counts.append(hi - lo)
+        _write_part(fs, join(root, names[-1]), formatter, lo, hi, compresslevel)
     _remove_stale(fs, root, keep=set(names))
     write_json(fs, join(root, INDEX_NAME), {
         "format": "QuPath GeoJSON FeatureCollection of detections, gzip",
         "coordinates": "level-0 pixels (x right, y down), rounded to 0.01",
-        "parts": parts,
+        "parts": [{"name": name, "count": count}
+                  for name, count in zip(names, counts, strict=True)],
         "total": n,
         "repaired": len(polygons.repaired),
         "dropped": len(polygons.dropped),
         "dropped_rows": polygons.dropped,
         "max_per_file": max_per_file,
     })
-    logger.info("GeoJSON: wrote %d nuclei in %d file(s) under %s", n, len(parts), root)
+    logger.info("GeoJSON: wrote %d nuclei in %d file(s) under %s", n, len(names), root)
     return [*names, INDEX_NAME]
 
 

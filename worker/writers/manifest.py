@@ -1,5 +1,5 @@
-"""``manifest.json``: provenance of a run — model card, parameters, software, timings, slide identity,
-outputs and counts — so a result can be traced and reproduced."""
+"""``manifest.json``: provenance of a run — model card, parameters, software, timings, slide
+identity, outputs and counts — so a result can be traced and reproduced."""
 
 from __future__ import annotations
 

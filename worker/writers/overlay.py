@@ -39,11 +39,13 @@ def _check_thumbnail(thumbnail: NDArray, downsample: float) -> NDArray[np.uint8]
     if image.ndim != 3 or image.shape[2] not in (3, 4):
         raise ValueError(f"thumbnail must be (H, W, 3) RGB, got shape {image.shape}")
     if not (np.isfinite(downsample) and downsample > 0):
-        raise ValueError(f"downsample must be positive (level-0 px per thumbnail px), got {downsample!r}")
+        raise ValueError(
+            f"downsample must be positive (level-0 px per thumbnail px), got {downsample!r}")
     return np.ascontiguousarray(image[..., :3])
 
 
-def _draw_dots(image: NDArray[np.uint8], x: NDArray, y: NDArray, colour: tuple[int, int, int]) -> None:
+def _draw_dots(image: NDArray[np.uint8], x: NDArray, y: NDArray,
+               colour: tuple[int, int, int]) -> None:
     h, w = image.shape[:2]
     col = np.floor(x).astype(np.intp)
     row = np.floor(y).astype(np.intp)
@@ -101,11 +103,13 @@ def draw_overlay(
     index = class_table.type_index(table.type)
     size = np.maximum(table.bbox[:, 2] - table.bbox[:, 0], table.bbox[:, 3] - table.bbox[:, 1])
     small = size / downsample < DOT_BELOW_PX
-    points = np.round(table.vertices / downsample).astype(np.int32)
+    # A non-finite vertex (never expected) becomes -1: off the image, and no cast warning.
+    points = np.round(np.nan_to_num(table.vertices / downsample, nan=-1.0, posinf=-1.0,
+                                    neginf=-1.0)).astype(np.int32)
     rings = np.split(points, table.offsets[1:-1]) if len(table) else []
     has_ring = np.diff(table.offsets) > 0
     for t, cls in enumerate(class_table.by_type):
-        colour = tuple(int(v) for v in cls.colour)
+        colour = (int(cls.colour[0]), int(cls.colour[1]), int(cls.colour[2]))
         mine = index == t
         dots = np.flatnonzero(mine & (small | ~has_ring))
         if len(dots):
@@ -129,7 +133,7 @@ def write_overlay(
     classes: Sequence[ClassInfo],
     legend: bool = True,
 ) -> str:
-    """Draw (see :func:`draw_overlay`) and write ``overlay.png`` under ``root``; returns its name."""
+    """Draw (see :func:`draw_overlay`) and write ``overlay.png`` under ``root``; return its name."""
     image = draw_overlay(thumbnail, table, downsample=downsample, classes=classes, legend=legend)
     prepare_root(fs, root)
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
@@ -137,5 +141,6 @@ def write_overlay(
         raise RuntimeError(f"OpenCV could not encode a {image.shape} overlay as PNG")
     with fs.open(join(root, OVERLAY_NAME), "wb") as fh:
         fh.write(encoded.tobytes())
-    logger.info("overlay: %d nuclei on a %dx%d thumbnail", len(table), image.shape[1], image.shape[0])
+    logger.info("overlay: %d nuclei on a %dx%d thumbnail", len(table), image.shape[1],
+                image.shape[0])
     return OVERLAY_NAME

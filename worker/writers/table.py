@@ -140,8 +140,8 @@ def count_grid(
     index = class_table.type_index(table.type)
     # Map each type index to its plane; -1 (typed model, type 0) is counted nowhere.
     plane_of = np.full(len(class_table.by_type), -1, np.intp)
-    for plane, (t, _) in enumerate(class_table.counted):
-        plane_of[t] = plane
+    for i, (t, _) in enumerate(class_table.counted):
+        plane_of[t] = i
     plane = plane_of[index]
     keep = plane >= 0
     col = np.clip(np.floor(table.centroid[keep, 0] / cell_px), 0, cols - 1).astype(np.intp)
@@ -325,6 +325,13 @@ def _open_store(fs: fsspec.AbstractFileSystem, path: str, tmp: str) -> Store:
     return FsspecStore.from_mapper(fs.get_mapper(path), read_only=True)
 
 
+def _read(group: zarr.Group, key: str, dtype: str) -> NDArray:
+    array = group.get(key)
+    if not isinstance(array, zarr.Array):
+        raise ValueError(f"nucleus table has no array {key!r}")
+    return np.asarray(array[...], dtype=dtype)
+
+
 def read_table(fs: fsspec.AbstractFileSystem, root: str, *, name: str = TABLE_NAME) -> NucleusTable:
     """Read a nucleus table written by :func:`write_table`.
 
@@ -350,8 +357,7 @@ def read_table(fs: fsspec.AbstractFileSystem, root: str, *, name: str = TABLE_NA
             group = zarr.open_group(store, mode="r")
             if group.attrs.get("format") != "hoverserve.nuclei":
                 raise ValueError(f"{path} is not a HoVerServe nucleus table")
-            columns = {key: np.asarray(group[key][...], dtype=dtype)
-                       for key, (dtype, _) in _COLUMNS.items()}
+            columns = {key: _read(group, key, dtype) for key, (dtype, _) in _COLUMNS.items()}
         finally:
             store.close()
     return NucleusTable(**columns)

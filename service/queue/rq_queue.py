@@ -1,0 +1,191 @@
+"""RQ on Redis: the job's tasks spread over any number of ``hoverserve worker`` processes.
+
+``prepare`` fans out one RQ job per region and a ``finalize`` job that depends on all of them.
+Every RQ job carries the retry policy (``max_attempts``) and a timeout; when its last attempt
+fails, the failure callback marks the HoVerServe job failed with the reason.
+
+Workers beat a short-lived Redis key; each worker's reaper hands the started tasks of a worker
+whose beat stopped (SIGKILL, lost host) back to RQ's abandoned-job handling, which retries them
+elsewhere. RQ alone would notice only after the task's whole timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from redis import Redis
+from rq import Callback, Queue, Retry, SimpleWorker, get_current_job
+from rq.job import Job
+
+from service.catalog import Catalog
+from service.queue import tasks
+from service.queue.tasks import TaskContext
+from service.settings import Settings
+from service.store import Store
+from worker.errors import SlideError
+
+__all__ = ["RQQueue", "reap_abandoned", "run_worker"]
+
+logger = logging.getLogger(__name__)
+
+ALIVE_KEY = "hoverserve:alive:{0}"
+"""Redis key a live worker keeps refreshing (value: its pid); expires when the worker dies."""
+
+
+def _policy(settings: Settings) -> dict[str, Any]:
+    retries = settings.max_attempts - 1
+    return {
+        "retry": Retry(max=retries) if retries > 0 else None,
+        "job_timeout": settings.task_timeout_s,
+        "result_ttl": 24 * 3600,
+        "failure_ttl": 7 * 24 * 3600,
+        "on_failure": Callback(on_task_failure),
+    }
+
+
+def on_task_failure(job: Job, connection: Redis, exc_type: Any, exc: Any, tb: Any) -> None:
+    """RQ failure callback: once a task has no retry left, its HoVerServe job fails."""
+    if job.should_retry:
+        logger.warning("job %s: task %s failed (%s), %s retries left", job.args[0], job.id,
+                       exc_type.__name__ if exc_type else "?", job.retries_left)
+        return
+    reason = f"task {job.func_name.rsplit('.', 1)[-1]} failed after all retries: "
+    reason += f"{exc_type.__name__}: {exc}" if exc_type else "abandoned"
+    tasks.fail_job(job.args[0], exc if isinstance(exc, BaseException) else None, reason=reason)
+
+
+# --------------------------------------------------------------------------- RQ task functions
+
+
+def prepare_task(job_id: str) -> int:
+    """Plan the slide, then enqueue its region tasks and the finalize task."""
+    try:
+        indices = tasks.prepare_job(job_id)
+    except SlideError as exc:  # a bad slide stays bad: fail now, no retries
+        tasks.fail_job(job_id, exc)
+        return 0
+    if indices is None:
+        return 0
+    current = get_current_job()
+    if current is None:
+        raise RuntimeError("prepare_task must run inside an RQ worker")
+    queue = Queue(current.origin, connection=current.connection)
+    policy = _policy(tasks.get_context().settings)
+    regions = [queue.enqueue(region_task, job_id, index, job_id=f"hs-{job_id}-r{index}", **policy)
+               for index in indices]
+    queue.enqueue(finalize_task, job_id, job_id=f"hs-{job_id}-finalize", depends_on=regions or None,
+                  **policy)
+    return len(indices)
+
+
+def region_task(job_id: str, index: int) -> int:
+    return tasks.run_region(job_id, index)
+
+
+def finalize_task(job_id: str) -> int:
+    return len(tasks.finalize_job(job_id))
+
+
+# --------------------------------------------------------------------------- API side
+
+
+class RQQueue:
+    """The API's handle on the RQ queue."""
+
+    kind = "redis"
+
+    def __init__(self, context: TaskContext) -> None:
+        self.settings = context.settings
+        self.redis = Redis.from_url(self.settings.redis_url or "")
+        self.queue = Queue(self.settings.queue_name, connection=self.redis)
+
+    def __repr__(self) -> str:
+        return f"RQQueue({self.settings.queue_name!r})"
+
+    def start(self) -> None:
+        self.redis.ping()
+
+    def submit(self, job_id: str) -> None:
+        self.queue.enqueue(prepare_task, job_id, job_id=f"hs-{job_id}-prepare",
+                           **_policy(self.settings))
+
+    def ready(self) -> bool:
+        return bool(self.redis.ping())
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def reap_abandoned(redis: Redis, queue: Queue) -> list[str]:
+    """Hand tasks started by dead workers (no alive key) to RQ's abandoned-job handling.
+
+    Returns the RQ job ids handed over; RQ retries them (or fails them, calling the failure
+    callback) exactly as for a job whose heartbeat expired.
+    """
+    registry = queue.started_job_registry
+    abandoned: list[str] = []
+    for entry in redis.zrange(registry.key, 0, -1):
+        text = entry.decode() if isinstance(entry, bytes) else str(entry)
+        job_id = text.split(":", 1)[0]
+        job = Job.fetch(job_id, connection=redis) if redis.exists(Job.key_for(job_id)) else None
+        if job is None or not job.worker_name:
+            continue
+        if not redis.exists(ALIVE_KEY.format(job.worker_name)):
+            redis.zadd(registry.key, {entry: 0})
+            abandoned.append(job_id)
+    if abandoned:
+        logger.warning("tasks of dead workers handed back for retry: %s", ", ".join(abandoned))
+        registry.cleanup()
+    return abandoned
+
+
+class _Beat(threading.Thread):
+    """Keeps this worker's alive key fresh and reaps dead workers' tasks."""
+
+    def __init__(self, redis: Redis, queue: Queue, name: str, dead_after_s: float) -> None:
+        super().__init__(name="hoverserve-beat", daemon=True)
+        self.redis, self.queue, self.worker_name = redis, queue, name
+        self.dead_after_s = dead_after_s
+        self.stop = threading.Event()
+
+    def beat(self) -> None:
+        self.redis.set(ALIVE_KEY.format(self.worker_name), os.getpid(),
+                       px=int(self.dead_after_s * 1000))
+
+    def run(self) -> None:
+        while not self.stop.wait(self.dead_after_s / 4):
+            try:
+                self.beat()
+                reap_abandoned(self.redis, self.queue)
+            except Exception:  # Redis hiccups: try again at the next beat
+                logger.exception("worker %s: heartbeat/reaper failed", self.worker_name)
+
+
+def run_worker(settings: Settings, *, name: str | None = None, burst: bool = False) -> None:
+    """Run a worker until stopped (or, with ``burst``, until the queue is empty)."""
+    name = name or f"{socket.gethostname()}-{os.getpid()}"
+    store = Store(settings.store, cache_dir=settings.cache_dir, storage_options=settings.store_options)
+    tasks.set_context(TaskContext(store=store, catalog=Catalog(settings.models_dir),
+                                  settings=settings, worker_name=name))
+    redis = Redis.from_url(settings.redis_url or "")
+    queue = Queue(settings.queue_name, connection=redis)
+    beat = _Beat(redis, queue, name, settings.worker_dead_after_s)
+    beat.beat()
+    beat.start()
+    # SimpleWorker runs tasks in this process: the ONNX session and the opened slide stay cached
+    # between regions (a forking worker would reload the model for every task).
+    worker = SimpleWorker([queue], connection=redis, name=name)
+    logger.info("worker %s: queue %s on %s, store %s", name, settings.queue_name, settings.redis_url,
+                settings.store)
+    try:
+        worker.work(burst=burst, logging_level="WARNING")
+    finally:
+        beat.stop.set()
+        redis.delete(ALIVE_KEY.format(name))
