@@ -49,7 +49,7 @@ class Slide:
 DEFAULT_SLIDES = (
     Slide(SLIDES / "CMU-1-Small-Region.svs"),
     Slide(SLIDES / "pathml_small_dicom.dcm", ("--mpp", "0.25")),  # no pixel spacing in the file
-    Slide(SLIDES / "synthetic" / "boxes.tiff"),
+    Slide(SLIDES / "synthetic" / "boxes.tiff", ("--mpp", "0.25")),  # its TIFF resolution is bogus
     Slide(SLIDES / "tiles" / "high-nuclei-score-level0.png", ("--mpp", "0.25")),
 )
 """The RGB slides of ``shared/data/slides`` (the ``not_he`` ones are meant to be refused)."""

@@ -216,9 +216,15 @@ def _open_cached(path: Path, mpp: float | None):
 
     key = (str(path), mpp)
     if key not in _SLIDES:
-        _SLIDES.clear()
+        _close_cached()
         _SLIDES[key] = open_slide(path, mpp=mpp)
     return _SLIDES[key]
+
+
+def _close_cached() -> None:
+    while _SLIDES:
+        _, slide = _SLIDES.popitem()
+        slide.close()
 
 
 def read_region(plan: SlidePlan, region: Region) -> tuple[NDArray[np.uint8], float]:
@@ -442,6 +448,7 @@ def run_slide(
                 on_region(done, len(plan.regions), nuclei)
     finally:
         executor.close()
+        _close_cached()  # in-process runs (workers=0) opened the slide here
     timings["regions_wall"] = time.perf_counter() - start
     start = time.perf_counter()
     table, outputs = finalize(prepared, tables, fs=fs, root=root, card=model.card,

@@ -153,6 +153,7 @@ def test_matching_uses_the_iou_threshold() -> None:
     b[:, 2:6] = 1  # overlaps 8 px: IoU 8 / 24 = 1/3
     match = postprocess.match_instances(a, b)
     assert len(match.pairs) == 0 and match.recall == 0.0
+    b[:] = 0
     b[:, 1:5] = 1  # now 12 / 20 = 0.6
     match = postprocess.match_instances(a, b)
     assert len(match.pairs) == 1 and match.iou[0] == pytest.approx(0.6)

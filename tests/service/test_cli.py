@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service.cli import EXIT_USAGE, main
@@ -36,3 +37,110 @@ def test_tissue_options_exclude_each_other(capsys: pytest.CaptureFixture[str]) -
     code = main(["infer", str(slide), "--no-tissue-mask", "--tissue-mask", "m.png"])
     assert code == EXIT_USAGE
     assert "exclude" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- every real slide
+
+CHECKER = SHARED / "tools" / "qupath_geojson_check.py"
+
+RGB_SLIDES = [
+    ("CMU-1-Small-Region.svs", []),
+    ("pathml_small_dicom.dcm", ["--mpp", "0.5"]),
+    ("synthetic/boxes.tiff", ["--mpp", "0.5"]),
+    ("synthetic/small.svs", []),
+    ("synthetic/boxes_0.dcm", []),
+    ("tiles/high-nuclei-score-level0.png", ["--mpp", "0.5"]),
+    ("tiles/no-tissue.png", ["--mpp", "0.5"]),
+    ("not_he/kidney-48-5.tif", ["--mpp", "0.5"]),
+]
+
+REFUSED = [
+    ("not_he/pathml_smalltif.tif", ["--mpp", "0.5"], "uint16"),
+    ("not_he/pathml_small_vectra.qptiff", ["--mpp", "0.5"], "channel"),
+    ("pathml_small_dicom.dcm", [], "--mpp"),
+    ("tiles/high-nuclei-score-level0.png", [], "--mpp"),
+]
+
+
+@pytest.fixture(scope="module")
+def oracle_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests._synthetic import build_oracle, oracle_card
+
+    path = tmp_path_factory.mktemp("model") / "oracle.onnx"
+    return build_oracle(path, oracle_card(mpp=0.5))
+
+
+@pytest.mark.parametrize(("name", "extra"), RGB_SLIDES, ids=[n for n, _ in RGB_SLIDES])
+def test_infer_runs_on_every_rgb_slide(name: str, extra: list[str], oracle_model: Path,
+                                       tmp_path: Path) -> None:
+    import gzip
+    import json
+    import subprocess
+    import sys
+
+    from worker.slide import open_slide
+
+    out = tmp_path / "out"
+    code = main(["infer", str(SLIDES / name), "--model", str(oracle_model), "--out", str(out),
+                 "--workers", "0", "--quiet", *extra])
+    assert code == 0
+    for result in ("counts.json", "manifest.json", "overlay.png", "nuclei.zarr.zip"):
+        assert (out / result).is_file(), result
+    files = sorted(out.glob("nuclei*.geojson.gz"))
+    assert files
+    check = subprocess.run([sys.executable, str(CHECKER), *map(str, files)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and "FAIL" not in check.stdout, check.stdout
+    mpp = float(extra[1]) if extra else None
+    with open_slide(SLIDES / name, mpp=mpp) as slide:
+        height, width = slide.shape
+    total = 0
+    for path in files:
+        features = json.loads(gzip.decompress(path.read_bytes()))["features"]
+        total += len(features)
+        for feature in features:
+            ring = np.asarray(feature["geometry"]["coordinates"][0])
+            assert (ring[:, 0] >= 0).all() and (ring[:, 0] <= width).all()
+            assert (ring[:, 1] >= 0).all() and (ring[:, 1] <= height).all()
+    counts = json.loads((out / "counts.json").read_text())
+    assert counts["total"] == total
+
+
+@pytest.mark.parametrize(("name", "extra", "message"), REFUSED, ids=[f"{n}{e}" for n, e, _ in REFUSED])
+def test_infer_refuses_what_it_cannot_analyse(name: str, extra: list[str], message: str,
+                                              oracle_model: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["infer", str(SLIDES / name), "--model", str(oracle_model),
+                 "--out", str(tmp_path / "out"), "--quiet", *extra])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("hoverserve: error:") and message in err
+    assert not (tmp_path / "out" / "nuclei.geojson.gz").exists()
+
+
+def test_text_file_named_svs_is_refused(oracle_model: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    fake = tmp_path / "notes.svs"
+    fake.write_text("this is not a slide\n")
+    assert main(["infer", str(fake), "--model", str(oracle_model), "--quiet"]) == EXIT_USAGE
+    assert "notes.svs" in capsys.readouterr().err
+
+
+def test_roi_limits_the_work_to_a_box(oracle_model: Path, tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "roi"
+    box = (500, 600, 700, 500)
+    assert main(["infer", str(SLIDES / "CMU-1-Small-Region.svs"), "--model", str(oracle_model),
+                 "--out", str(out), "--roi", ",".join(map(str, box)), "--workers", "0",
+                 "--quiet"]) == 0
+    import zarr
+
+    table = zarr.open_group(str(out / "nuclei.zarr"), mode="r")
+    centroid = np.asarray(table["centroid"])
+    assert len(centroid) > 0
+    x, y, w, h = box
+    assert (centroid[:, 0] >= x).all() and (centroid[:, 0] < x + w).all()
+    assert (centroid[:, 1] >= y).all() and (centroid[:, 1] < y + h).all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parameters"]["roi"] == list(box)

@@ -186,7 +186,8 @@ def _build_store(
 
 def _zip_tree(fs: fsspec.AbstractFileSystem, src: str, dest: str) -> None:
     """Zip every file under ``src`` (in ``fs``) into the local file ``dest``, names relative."""
-    prefix = src.rstrip("/") + "/"
+    # find() answers without the protocol ("bucket/key" for "s3://bucket/key"): compare likewise.
+    prefix = fs._strip_protocol(src).rstrip("/") + "/"
     with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_STORED) as archive:
         for path in sorted(fs.find(src)):
             info = zipfile.ZipInfo(path[len(prefix):] if path.startswith(prefix) else path,
