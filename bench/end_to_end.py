@@ -31,6 +31,10 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 SLIDES = ROOT / ".." / "shared" / "data" / "slides"
 RESULTS = BENCH / "results"
+sys.path.insert(0, str(ROOT))  # ``models`` when run as a script
+sys.path.insert(0, str(BENCH))
+
+from report import machine_facts  # noqa: E402
 
 __all__ = ["DEFAULT_SLIDES", "SAMPLE_SECONDS", "Slide", "SlideRun", "measure", "run_slide", "tissue_mpx"]
 
@@ -154,7 +158,6 @@ def run_slide(slide: Slide, model: Path, out: Path, *, extra: Sequence[str] = ()
 
 
 def _default_model() -> Path | None:
-    sys.path.insert(0, str(ROOT))
     from models.zoo import default_model
 
     return default_model()
@@ -169,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="runs per slide (the fastest is kept)")
     parser.add_argument("--out", type=Path, default=BENCH / "work" / "end_to_end")
     parser.add_argument("--results", type=Path, default=RESULTS / "end_to_end.json")
+    parser.add_argument("--note", default="", help="a sentence for the report (e.g. about the model)")
     parser.add_argument("extra", nargs=argparse.REMAINDER,
                         help="after --: more options for hoverserve infer (e.g. -- --workers 2)")
     args = parser.parse_args(argv)
@@ -195,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{best.nuclei} nuclei")
     document: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "model": str(model), "model_name": model.name,
-        "extra_options": extra, "repeats": args.repeats, "sample_seconds": SAMPLE_SECONDS,
+        "extra_options": extra, "repeats": args.repeats, "note": args.note,
+        "machine": machine_facts(), "sample_seconds": SAMPLE_SECONDS,
         "runs": [vars(r) for r in runs],
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)

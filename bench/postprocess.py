@@ -93,14 +93,16 @@ def _venv_python(venv: Path = VENV) -> Path:
 
 
 def _venv_ready(venv: Path) -> bool:
+    """Whether the venv's python imports TIAToolbox's HoVerNet the way the side script does."""
     python = _venv_python(venv)
     if not python.is_file():
         return False
-    probe = [str(python), str(BENCH / "_tiatoolbox_side.py"), "--help"]
-    return subprocess.run(probe, capture_output=True, check=False).returncode == 0 and subprocess.run(
-        [str(python), "-c", f"import tiatoolbox; assert tiatoolbox.__version__ == '{TIATOOLBOX_VERSION}'"],
-        capture_output=True, check=False,
-    ).returncode == 0
+    probe = (
+        f"import sys; sys.path.insert(0, {str(BENCH)!r}); import tiatoolbox, _tiatoolbox_side; "
+        f"_tiatoolbox_side.import_hovernet(); "
+        f"sys.exit(tiatoolbox.__version__ != {TIATOOLBOX_VERSION!r})"
+    )
+    return subprocess.run([str(python), "-c", probe], capture_output=True, check=False).returncode == 0
 
 
 def ensure_tiatoolbox_venv(venv: Path = VENV, *, log: Callable[[str], None] = print) -> Path:

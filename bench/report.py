@@ -176,6 +176,8 @@ def _postprocess_commentary(pp: dict[str, Any]) -> list[str]:
 
 def _end_to_end_section(e2e: dict[str, Any]) -> list[str]:
     out = ["## End to end: `hoverserve infer` on the real slides", ""]
+    if e2e.get("note"):
+        out += [f"**Note.** {e2e['note']}", ""]
     out.append(
         f"Model `{e2e.get('model_name', '?')}`"
         + (f" with `{' '.join(e2e['extra_options'])}`" if e2e.get("extra_options") else "")
@@ -202,16 +204,23 @@ def _end_to_end_section(e2e: dict[str, Any]) -> list[str]:
     out.append(markdown_table(
         ["slide", "level 0 (w×h)", "µm/px", "tissue Mpx", "wall s", "tissue Mpx/s",
          "peak RSS MB", "nuclei", "processes"], rows))
-    stages = ["open", "plan", "read", "infer", "postprocess", "merge", "write"]
-    rows = [[r["slide"], *(_f(r["timings"].get(s), 2) for s in stages)]
+    stages = ["load_model", "plan", "regions_wall", "read", "infer", "postprocess", "merge", "write"]
+    rows = [[r["slide"], *(_f(_stage(r["timings"], s), 2) for s in stages)]
             for r in e2e["runs"] if not r["returncode"]]
     if rows:
-        out += ["", "Stage seconds from each run's `manifest.json` (read and post-process run in "
-                "worker processes overlapped with inference, so they are summed worker time, not "
-                "wall time):", ""]
+        out += ["", "Stage seconds from each run's `manifest.json`. `regions_wall` is the wall time of "
+                "the overlapped region loop; read and post-process run in worker processes beside "
+                "inference, so their figures are summed worker time, not wall time:", ""]
         out.append(markdown_table(["slide", *stages], rows))
     out.append("")
     return out
+
+
+def _stage(timings: dict[str, float], name: str) -> float | None:
+    if name == "write":  # the writers report their parts as write_<part>
+        parts = [v for k, v in timings.items() if k.startswith("write_")]
+        return sum(parts) if parts else timings.get("write")
+    return timings.get(name)
 
 
 def render(pp: dict[str, Any] | None, e2e: dict[str, Any] | None, facts: dict[str, Any]) -> str:

@@ -124,11 +124,19 @@ class Store:
     def read_bytes(self, key: str) -> bytes:
         return self.fs.cat_file(self.path(key))
 
+    def _fresh(self, path: str) -> None:
+        """Forget cached listings: other processes write to a shared object store."""
+        if not self.local:
+            self.fs.invalidate_cache(path)
+
     def exists(self, key: str) -> bool:
-        return self.fs.exists(self.path(key))
+        path = self.path(key)
+        self._fresh(path)
+        return self.fs.exists(path)
 
     def names(self, key: str) -> list[str]:
         """Base names of the entries directly under ``key`` (empty when missing)."""
+        self._fresh(self.path(key))
         try:
             entries = self.fs.ls(self.path(key), detail=False)
         except FileNotFoundError:

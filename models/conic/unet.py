@@ -148,10 +148,11 @@ class ConicNet(nn.Module):
         x = features[-1]
         for level, skip in zip(self.decoder, reversed(features[:-1]), strict=True):
             x = level(x, skip)
-        if self.margin:
-            m = self.margin
-            x = x[:, :, m:-m, m:-m]
         out = {"np": self.np_head(x), "hv": self.hv_head(x)}
         if self.tp_head is not None:
             out["tp"] = self.tp_head(x)
+        if self.margin:
+            # crop after the heads, so their own convolutions still see the margin pixels
+            m = self.margin
+            out = {key: value[:, :, m:-m, m:-m] for key, value in out.items()}
         return out
