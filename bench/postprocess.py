@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -224,14 +225,22 @@ def compare_outputs(
     return out
 
 
-def speed_summary(tia_seconds: Sequence[float], our_seconds: Sequence[float], pixels: int,
-                  nuclei: int) -> dict[str, float]:
-    """Best-of-N and median timings of both sides, throughput and the speed ratio (TIA / ours)."""
+def speed_summary(
+    tia_seconds: Sequence[float],
+    our_seconds: Sequence[float],
+    pixels: int,
+    nuclei: int,
+    *,
+    tia_cpu: Sequence[float] = (),
+    our_cpu: Sequence[float] = (),
+) -> dict[str, float]:
+    """Best-of-N and median wall times of both sides, throughput and the speed ratio (TIA / ours);
+    with process CPU times given, their best-of-N and ratio too."""
     if not tia_seconds or not our_seconds:
         raise ValueError("both sides need at least one timing")
     tia_min, our_min = min(tia_seconds), min(our_seconds)
     tia_med, our_med = statistics.median(tia_seconds), statistics.median(our_seconds)
-    return {
+    out = {
         "tia_min_s": tia_min, "tia_median_s": tia_med, "tia_runs": len(tia_seconds),
         "our_min_s": our_min, "our_median_s": our_med, "our_runs": len(our_seconds),
         "tia_mpx_s": pixels / 1e6 / tia_min, "our_mpx_s": pixels / 1e6 / our_min,
@@ -239,6 +248,10 @@ def speed_summary(tia_seconds: Sequence[float], our_seconds: Sequence[float], pi
         "our_ms_per_1k_nuclei": 1e6 * our_min / max(nuclei, 1),
         "ratio_min": tia_min / our_min, "ratio_median": tia_med / our_med,
     }
+    if tia_cpu and our_cpu:
+        out.update({"tia_cpu_min_s": min(tia_cpu), "our_cpu_min_s": min(our_cpu),
+                    "ratio_cpu_min": min(tia_cpu) / min(our_cpu)})
+    return out
 
 
 # --------------------------------------------------------------------------- our side
@@ -267,8 +280,9 @@ class _OurStages:
         return timed
 
 
-def run_ours(folders: Sequence[Path], out: Path, repeats: int) -> dict[str, Any]:
-    """Time ``hover_instances`` on each map set; save labels and types like the TIA side."""
+def run_ours(folders: Sequence[Path], out: Path, repeats: Sequence[int]) -> dict[str, Any]:
+    """Time ``hover_instances`` ``repeats[i]`` times on map set ``i`` (wall and process CPU time);
+    save labels and types like the TIA side."""
     import cv2
     import scipy
     import skimage
@@ -283,23 +297,24 @@ def run_ours(folders: Sequence[Path], out: Path, repeats: int) -> dict[str, Any]
         "python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
         "scikit-image": skimage.__version__, "opencv": cv2.__version__,
     }}
-    for folder in folders:
+    for folder, count in zip(folders, repeats, strict=True):
         maps = load_map_set(folder)
-        seconds, stage_list, result = [], [], None
-        for _ in range(repeats):
+        seconds, cpu, stage_list, result = [], [], [], None
+        for _ in range(count):
             stages.seconds = {}
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             result = post.hover_instances(maps.np_prob, maps.hv, maps.types, mpp=0.25)
             seconds.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
             stage_list.append(dict(stages.seconds))
         if result is None:
-            raise ValueError(f"repeats must be >= 1, got {repeats}")
+            raise ValueError(f"repeats must be >= 1, got {count}")
         ids = np.array([n.label for n in result.nuclei], np.int64)
         kinds = np.array([n.type for n in result.nuclei], np.int64)
         np.save(out / f"{folder.name}_labels.npy", result.labels)
         np.savez(out / f"{folder.name}_types.npz", ids=ids, types=kinds)
         report["sets"][folder.name] = {"shape": list(maps.shape), "seconds": seconds,
-                                       "stages": stage_list, "nuclei": len(ids)}
+                                       "cpu_seconds": cpu, "stages": stage_list, "nuclei": len(ids)}
         print(f"hoverserve {folder.name}: {min(seconds):.3f} s (min of {len(seconds)}), "
               f"{len(ids)} nuclei", flush=True)
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -323,22 +338,30 @@ def _folders(maps_dir: Path, sizes: Sequence[int]) -> list[Path]:
 def _merge_round(total: dict[str, Any], part: dict[str, Any]) -> None:
     """Append one round's timings to the accumulated ones of a side."""
     for name, entry in part["sets"].items():
-        acc = total["sets"].setdefault(name, {**entry, "seconds": [], "stages": []})
+        acc = total["sets"].setdefault(name, {**entry, "seconds": [], "cpu_seconds": [], "stages": []})
         acc["seconds"] += entry["seconds"]
+        acc["cpu_seconds"] += entry["cpu_seconds"]
         acc["stages"] += entry["stages"]
         acc["nuclei"] = entry["nuclei"]
     total["versions"] = part["versions"]
     total["peak_rss_mb"] = max(total.get("peak_rss_mb", 0.0), part["peak_rss_mb"])
 
 
+def _inner_repeats(first_seconds: float, min_seconds: float) -> int:
+    """Runs per round that make a round of one map set last about ``min_seconds`` (1..10)."""
+    return max(1, min(10, math.ceil(min_seconds / max(first_seconds, 1e-3))))
+
+
 def run(sizes: Sequence[int], *, repeats: int, maps_dir: Path, out: Path,
-        tia_max_seconds: float) -> dict[str, Any]:
+        tia_max_seconds: float, round_seconds: float = 1.0) -> dict[str, Any]:
     """The whole benchmark: maps, then ``repeats`` rounds of TIAToolbox's side (a subprocess)
     followed by ours on every map set, then the comparison of the outputs.
 
-    Alternating rounds expose both sides to the same background load on a shared machine. A map
-    set whose first TIAToolbox run times ``repeats`` exceeds ``tia_max_seconds`` is run by
-    TIAToolbox in the first round only.
+    Alternating rounds expose both sides to the same background load on a shared machine. After
+    the first round (one run each), a map set that takes less than ``round_seconds`` is run
+    several times per round, so fast map sets get more samples. A map set whose first
+    TIAToolbox run times ``repeats`` exceeds ``tia_max_seconds`` is run by TIAToolbox in the
+    first and the last round only.
     """
     from report import machine_facts
 
@@ -349,20 +372,30 @@ def run(sizes: Sequence[int], *, repeats: int, maps_dir: Path, out: Path,
     facts = machine_facts()
     tia: dict[str, Any] = {"sets": {}}
     ours: dict[str, Any] = {"sets": {}}
-    tia_folders = list(folders)
+    tia_plan = [(f, 1) for f in folders]
+    our_plan = [(f, 1) for f in folders]
+    slow: list[Path] = []
     loads = []
     for round_index in range(repeats):
         loads.append(round(os.getloadavg()[0], 2))
         print(f"round {round_index + 1}/{repeats} (load average {loads[-1]})", flush=True)
-        if tia_folders:
+        if tia_plan:
             # Never both sides at once: TIAToolbox's subprocess ends before ours starts.
-            subprocess.run([str(python), str(BENCH / "_tiatoolbox_side.py"), *map(str, tia_folders),
-                            "--out", str(tia_out), "--repeats", "1"], check=True)
+            subprocess.run([str(python), str(BENCH / "_tiatoolbox_side.py"),
+                            *(str(f) for f, _ in tia_plan), "--out", str(tia_out),
+                            "--repeats", *(str(n) for _, n in tia_plan)], check=True)
             _merge_round(tia, json.loads((tia_out / "tiatoolbox.json").read_text()))
-        _merge_round(ours, run_ours(folders, our_out, 1))
+        _merge_round(ours, run_ours([f for f, _ in our_plan], our_out, [n for _, n in our_plan]))
         if round_index == 0:
-            tia_folders = [f for f in folders
-                           if tia["sets"][f.name]["seconds"][0] * repeats <= tia_max_seconds]
+            first_tia = {f: tia["sets"][f.name]["seconds"][0] for f in folders}
+            slow = [f for f in folders if first_tia[f] * repeats > tia_max_seconds]
+            tia_plan = [(f, _inner_repeats(first_tia[f], round_seconds)) for f in folders
+                        if f not in slow]
+            our_plan = [(f, _inner_repeats(ours["sets"][f.name]["seconds"][0], round_seconds))
+                        for f in folders]
+        if round_index == repeats - 2 and slow:
+            # The slow map sets get a second TIAToolbox run, in the last round.
+            tia_plan += [(f, 1) for f in slow]
     sets = {}
     for folder in folders:
         name = folder.name
@@ -375,8 +408,9 @@ def run(sizes: Sequence[int], *, repeats: int, maps_dir: Path, out: Path,
             gt_labels=maps.gt_inst,
         )
         pixels = int(np.prod(maps.shape))
-        speed = speed_summary(tia["sets"][name]["seconds"], ours["sets"][name]["seconds"], pixels,
-                              tia["sets"][name]["nuclei"])
+        t, o = tia["sets"][name], ours["sets"][name]
+        speed = speed_summary(t["seconds"], o["seconds"], pixels, t["nuclei"],
+                              tia_cpu=t["cpu_seconds"], our_cpu=o["cpu_seconds"])
         sets[name] = {"size": maps.shape[0], "pixels": pixels, "gt_nuclei": maps.meta["gt_nuclei"],
                       **speed, "comparison": comparison,
                       "tia_stages": _stage_min(tia["sets"][name]),
@@ -398,9 +432,13 @@ def _stage_min(entry: dict[str, Any]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--repeats", type=int, default=5, help="runs per side and size (best and median)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="rounds; each runs both sides on every map set (best and median)")
+    parser.add_argument("--round-seconds", type=float, default=1.0,
+                        help="map sets faster than this run several times per round")
     parser.add_argument("--tia-max-seconds", type=float, default=300.0,
-                        help="a TIAToolbox map set whose first run × repeats exceeds this runs once")
+                        help="a TIAToolbox map set whose first run × repeats exceeds this runs "
+                        "in the first and last rounds only")
     parser.add_argument("--maps", type=Path, default=WORK / "maps")
     parser.add_argument("--out", type=Path, default=WORK / "postprocess")
     parser.add_argument("--results", type=Path, default=RESULTS / "postprocess.json")
@@ -412,14 +450,14 @@ def main(argv: list[str] | None = None) -> int:
         print(ensure_tiatoolbox_venv())
         return 0
     result = run(args.sizes, repeats=args.repeats, maps_dir=args.maps, out=args.out,
-                 tia_max_seconds=args.tia_max_seconds)
+                 tia_max_seconds=args.tia_max_seconds, round_seconds=args.round_seconds)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
     for name, entry in result["sets"].items():
         c = entry["comparison"]
         print(f"{name}: TIAToolbox {entry['tia_min_s']:.3f} s, HoVerServe {entry['our_min_s']:.3f} s "
-              f"→ {entry['ratio_min']:.2f}× ; TIA instances matched {c['tia_matched_by_ours']:.4f}, "
-              f"types equal {c['types_equal']:.4f}")
+              f"→ {entry['ratio_min']:.2f}× (CPU {entry['ratio_cpu_min']:.2f}×); "
+              f"TIA instances matched {c['tia_matched_by_ours']:.4f}, types equal {c['types_equal']:.4f}")
     print(f"wrote {args.results}")
     return 0
 

@@ -89,7 +89,7 @@ def _postprocess_section(pp: dict[str, Any]) -> list[str]:
         f"Maps: `bench/make_maps.py`, mosaics of real annotated CoNSeP patches at 0.25 µm/px "
         f"with exact HV targets, blurred and noised (see `bench/README.md`). Each side ran "
         f"{pp['repeats']} times per map in alternating rounds, one after the other, never "
-        f"concurrently; the table gives the fastest run (median in brackets)."
+        f"concurrently."
     )
     out.append("")
     rows = []
@@ -99,12 +99,24 @@ def _postprocess_section(pp: dict[str, Any]) -> list[str]:
             f"{_f(e['tia_min_s'], 3)} ({_f(e['tia_median_s'], 3)})",
             f"{_f(e['our_min_s'], 3)} ({_f(e['our_median_s'], 3)})",
             f"**{_f(e['ratio_min'], 1)}×** ({_f(e['ratio_median'], 1)}×)",
+            _f(e.get("tia_cpu_min_s"), 3), _f(e.get("our_cpu_min_s"), 3),
+            f"**{_f(e['ratio_cpu_min'], 1)}×**" if e.get("ratio_cpu_min") else "–",
             _f(e["tia_mpx_s"], 2), _f(e["our_mpx_s"], 2),
             _f(e["tia_ms_per_1k_nuclei"], 0), _f(e["our_ms_per_1k_nuclei"], 0),
         ])
     out.append(markdown_table(
-        ["maps", "Mpx", "nuclei", "TIAToolbox s", "HoVerServe s", "speed-up", "TIA Mpx/s",
-         "ours Mpx/s", "TIA ms/1k nuclei", "ours ms/1k nuclei"], rows))
+        ["maps", "Mpx", "nuclei", "TIAToolbox wall s", "HoVerServe wall s", "speed-up (wall)",
+         "TIA CPU s", "ours CPU s", "speed-up (CPU)", "TIA Mpx/s", "ours Mpx/s",
+         "TIA ms/1k nuclei", "ours ms/1k nuclei"], rows))
+    runs = ", ".join(f"{e['size']}²: {e['tia_runs']} / {e['our_runs']}" for e in sets)
+    out += ["", f"Runs per map (TIAToolbox / HoVerServe): {runs}. Wall: fastest run (median in "
+            "brackets). CPU: the process's CPU time (all threads) of its fastest run, which "
+            "waiting for a core on a loaded machine does not inflate. Mpx/s and ms per 1,000 "
+            "nuclei are from the fastest wall time."]
+    if pp.get("loadavg_per_round"):
+        out[-1] += (" The machine is shared: 1-minute load average at the start of each round "
+                    f"{', '.join(str(v) for v in pp['loadavg_per_round'])} on "
+                    f"{(pp.get('machine') or {}).get('logical_cores', '?')} logical cores.")
     out += ["", "Same output? Instances matched one-to-one at IoU ≥ 0.5:", ""]
     rows = []
     for e in sets:
@@ -142,12 +154,17 @@ def _postprocess_section(pp: dict[str, Any]) -> list[str]:
 def _postprocess_commentary(pp: dict[str, Any]) -> list[str]:
     sets = sorted(pp["sets"].values(), key=lambda e: e["pixels"])
     ratios = [e["ratio_min"] for e in sets]
+    cpu = [e["ratio_cpu_min"] for e in sets if "ratio_cpu_min" in e]
     same = all(e["comparison"]["tia_matched_by_ours"] >= 0.999 and e["comparison"]["types_equal"] >= 0.999
                for e in sets)
-    goal = "meets" if min(ratios) >= 2.0 else "does not meet"
+    below = [f"{e['size']}²" for e in sets if e["ratio_min"] < 2.0]
+    goal = ("meets the ≥ 2× goal at every size" if not below
+            else f"misses the ≥ 2× goal in wall time at {', '.join(below)}")
     lines = [
         f"**Result.** HoVerServe's post-processing is {_f(min(ratios), 1)}–{_f(max(ratios), 1)}× "
-        f"faster than TIAToolbox's on these maps and {goal} the ≥ 2× goal at every size. "
+        f"faster than TIAToolbox's in wall time"
+        + (f" ({_f(min(cpu), 1)}–{_f(max(cpu), 1)}× in CPU time)" if cpu else "")
+        + f" on these maps and {goal}. "
         + ("The outputs are the same: every TIAToolbox nucleus has a counterpart in ours "
            "(IoU ≥ 0.5) with the same type."
            if same else "The outputs differ somewhat: see the second table."),
@@ -159,9 +176,12 @@ def _postprocess_commentary(pp: dict[str, Any]) -> list[str]:
         "labelled pixels plus a crop per nucleus, so the gap widens with the map size. TIAToolbox's "
         "own pretrained HoVer-Net configurations post-process 1024×1024 tiles; HoVerServe's "
         "pipeline post-processes 2048×2048 regions (at the model's resolution).",
-        "- The watershed half (`_proc_np_hv` against ours \"labels\") is the same algorithm with the "
-        "same arithmetic; most of the gain there comes from working on boolean masks, one flood "
-        "fill for the holes and the foreground's bounding box.",
+        "- The watershed half (TIAToolbox `_proc_np_hv` against ours \"labels\") is the same "
+        "algorithm with the same arithmetic and both call scikit-image's `watershed`; ours is "
+        f"{_stage_ratios(sets, 'proc_np_hv', 'labels')} faster there. The measurement half "
+        "(`get_instance_info` against ours \"measure\") is "
+        f"{_stage_ratios(sets, 'get_instance_info', 'measure')} faster and is where most of the "
+        "gap comes from.",
         "- TIAToolbox's venv: TIAToolbox itself installed with `--no-deps`, plus only the packages "
         "its post-processing imports, within its own version pins except one: torch 2.13.0 (it "
         "pins < 2.13), which `hovernet.py` imports but the post-processing never calls. Its "
@@ -172,6 +192,15 @@ def _postprocess_commentary(pp: dict[str, Any]) -> list[str]:
         "",
     ]
     return lines
+
+
+def _stage_ratios(sets: Sequence[dict[str, Any]], tia_stage: str, our_stage: str) -> str:
+    """"a–b×" over the map sizes for one pair of stages (from the fastest runs)."""
+    ratios = [e["tia_stages"][tia_stage] / e["our_stages"][our_stage] for e in sets
+              if e["tia_stages"].get(tia_stage) and e["our_stages"].get(our_stage)]
+    if not ratios:
+        return "–"
+    return f"{_f(min(ratios), 1)}–{_f(max(ratios), 1)}×"
 
 
 def _end_to_end_section(e2e: dict[str, Any]) -> list[str]:
@@ -198,7 +227,9 @@ def _end_to_end_section(e2e: dict[str, Any]) -> list[str]:
         h, w = r["slide_shape"]
         rows.append([
             r["slide"], f"{w:,}×{h:,}", _f(r["slide_mpp"], 3), _f(r["tissue_mpx"], 2),
-            _f(r["wall_s"], 1), f"**{_f(r['tissue_mpx_per_s'], 3)}**", _f(r["peak_rss_mb"], 0),
+            _f(r["wall_s"], 1),
+            f"**{_f(r['tissue_mpx_per_s'], 3)}**" if r["tissue_mpx"] else "– (no tissue found)",
+            _f(r["peak_rss_mb"], 0),
             f"{r['nuclei']:,}", str(r["peak_processes"]),
         ])
     out.append(markdown_table(
@@ -212,6 +243,15 @@ def _end_to_end_section(e2e: dict[str, Any]) -> list[str]:
                 "the overlapped region loop; read and post-process run in worker processes beside "
                 "inference, so their figures are summed worker time, not wall time:", ""]
         out.append(markdown_table(["slide", *stages], rows))
+        heavy = []
+        for r in e2e["runs"]:
+            work = {k: r["timings"].get(k, 0.0) for k in ("read", "infer", "postprocess")}
+            if not r["returncode"] and sum(work.values()) > 0:
+                top = max(work, key=work.__getitem__)
+                heavy.append(f"{r['slide']}: {top} ({100 * work[top] / sum(work.values()):.0f} %)")
+        if heavy:
+            out += ["", "Largest share of the summed read + infer + post-process time: "
+                    + "; ".join(heavy) + "."]
     out.append("")
     return out
 

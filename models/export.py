@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from models.card import ModelCard, card_metadata
 from models.errors import ExportError
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAMES", "OnnxHead", "export_onnx"]
+__all__ = ["INPUT_NAME", "OUTPUT_NAMES", "OnnxHead", "check_onnx", "export_onnx"]
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from models.card import ClassInfo, ModelCard
 from models.errors import CheckpointError
 from models.export import export_onnx
-from models.hovernet import MODES, HoVerNet
+from models.hovernet import MODES, HoVerNet, Mode
 
 __all__ = [
     "HOVER_MPP",
@@ -66,7 +66,9 @@ MODE_KEY = "decoder.np.u3.conva.weight"
 TYPES_KEY = "decoder.tp.u0.conv.weight"
 """Key whose first dimension is the number of types (absent: untyped)."""
 
-_KERNEL_TO_MODE = {spec.kernel_size: name for name, spec in MODES.items()}
+_KERNEL_TO_MODE: dict[int, Mode] = {
+    spec.kernel_size: cast(Mode, name) for name, spec in MODES.items()
+}
 _PALETTE = (
     (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48),
     (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128),
@@ -79,7 +81,7 @@ _MAX_LISTED = 5
 
 def load_official_checkpoint(
     path: str | Path, *, trusted: bool = False
-) -> tuple[HoVerNet, str, int | None]:
+) -> tuple[HoVerNet, Mode, int | None]:
     """Load an official HoVer-Net checkpoint (``.tar``) into a network in eval mode.
 
     Accepts the official layout (a dict whose ``"desc"`` entry is the state dict) or a bare
@@ -111,14 +113,14 @@ def load_official_checkpoint(
     path = Path(path)
     state = _normalise_keys(_state_dict_of(_read(path, trusted=trusted), path))
     mode, nr_types = detect_variant(state)
-    model = HoVerNet(mode, nr_types)  # type: ignore[arg-type]
+    model = HoVerNet(mode, nr_types)
     _load_strict(model, state, path)
     model.eval()
     logger.info("loaded %s: mode %s, nr_types %s", path.name, mode, nr_types)
     return model, mode, nr_types
 
 
-def detect_variant(state_dict: Mapping[str, Any]) -> tuple[str, int | None]:
+def detect_variant(state_dict: Mapping[str, Any]) -> tuple[Mode, int | None]:
     """Mode and number of types of a HoVer-Net state dict, from its shapes.
 
     Parameters

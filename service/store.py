@@ -161,9 +161,10 @@ class Store:
         if self.local:
             target = Path(self.path(key))
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".tmp-{target.name}")
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+            os.close(fd)
             shutil.copyfile(local, tmp)
-            os.replace(tmp, target)
+            os.replace(tmp, target)  # identical content: a concurrent twin upload may win, harmlessly
         else:
             self.fs.put_file(str(local), self.path(key))
         return True

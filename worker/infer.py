@@ -113,6 +113,9 @@ def load_model(
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or (os.cpu_count() or 1)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The arena keeps its high-water mark for the process' life; patch batches are uniform, so
+    # plain allocations cost little and keep the footprint at what the current batch needs.
+    options.enable_cpu_mem_arena = False
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:
@@ -138,24 +141,32 @@ def predict_maps(
     maps_box: Box,
     *,
     tile_wanted: Callable[[Box], bool] | None = None,
+    out: RegionMaps | None = None,
 ) -> RegionMaps:
     """Tile ``image`` (pixels of ``image_box``), run the model and stitch maps over ``maps_box``.
 
     ``image_box`` must be ``maps_box`` grown by the model's margin. Tiles for which
-    ``tile_wanted`` is false (no tissue) are not run and stay background.
+    ``tile_wanted`` is false (no tissue) are not run and stay background. ``out``, when given,
+    receives the maps (zero-filled buffers of the right shapes) instead of new arrays.
     """
     card = model.card
-    out, margin = card.output_size, card.margin
+    size, margin = card.output_size, card.margin
     if image_box != maps_box.grow(margin):
         raise ValueError(f"image box {image_box} must be maps box {maps_box} grown by {margin}")
     if image.shape[:2] != (image_box.height, image_box.width):
         raise ValueError(f"image shape {image.shape} does not match its box {image_box}")
     h, w = maps_box.height, maps_box.width
-    np_prob = np.zeros((h, w), np.float32)
-    hv = np.zeros((2, h, w), np.float32)
-    types = np.zeros((h, w), np.uint8) if model.typed else None
-    tiles = [t for t in tile_boxes(maps_box, tile=out) if tile_wanted is None or tile_wanted(t)]
-    chunk = max(1, model.batch_size) * 4  # bounds the float32 patch stack, whatever the region
+    if out is None:
+        np_prob = np.zeros((h, w), np.float32)
+        hv = np.zeros((2, h, w), np.float32)
+        types = np.zeros((h, w), np.uint8) if model.typed else None
+    else:
+        # Caller-provided (e.g. shared-memory) buffers, zero-filled, shaped like the maps box.
+        if out.box != maps_box or (out.types is None) == model.typed:
+            raise ValueError(f"out maps for {out.box} do not fit {maps_box} / this model")
+        np_prob, hv, types = out.np_prob, out.hv, out.types
+    tiles = [t for t in tile_boxes(maps_box, tile=size) if tile_wanted is None or tile_wanted(t)]
+    chunk = max(1, model.batch_size) * 2  # bounds the float32 patch stack, whatever the region
     for start in range(0, len(tiles), chunk):
         group = tiles[start : start + chunk]
         patches = np.empty((len(group), 3, card.input_size, card.input_size), np.float32)
@@ -166,8 +177,8 @@ def predict_maps(
         result = model.predict(patches)
         for i, t in enumerate(group):
             r, c = t.row0 - maps_box.row0, t.col0 - maps_box.col0
-            np_prob[r : r + out, c : c + out] = result["np_prob"][i, 0]
-            hv[:, r : r + out, c : c + out] = result["hv"][i]
+            np_prob[r : r + size, c : c + size] = result["np_prob"][i, 0]
+            hv[:, r : r + size, c : c + size] = result["hv"][i]
             if types is not None:
-                types[r : r + out, c : c + out] = result["tp_prob"][i].argmax(axis=0)
+                types[r : r + size, c : c + size] = result["tp_prob"][i].argmax(axis=0)
     return RegionMaps(maps_box, np_prob, hv, types)

@@ -256,6 +256,59 @@ def _postprocess_options(card: ModelCard) -> dict[str, Any]:
     return {k: card.postprocess[k] for k in _POSTPROCESS_KEYS if k in card.postprocess}
 
 
+# --------------------------------------------------------------------------- shared maps
+
+
+class _SharedMaps:
+    """Region maps in a shared-memory block, handed to a post-processing process by name.
+
+    Pickling ~100 MB of maps through the pool's pipe would hold two extra copies in this process
+    and one in the worker; shared memory holds exactly one.
+    """
+
+    def __init__(self, box: Box, typed: bool) -> None:
+        from multiprocessing import shared_memory
+
+        h, w = box.height, box.width
+        self.box, self.typed = box, typed
+        size = h * w * (4 * 3 + (1 if typed else 0))
+        self.shm = shared_memory.SharedMemory(create=True, size=max(size, 1))
+        self.name = self.shm.name
+
+    def maps(self) -> RegionMaps:
+        return _maps_view(self.shm.buf, self.box, self.typed)
+
+    def release(self) -> None:
+        self.shm.close()
+        self.shm.unlink()
+
+
+def _maps_view(buf: memoryview, box: Box, typed: bool) -> RegionMaps:
+    h, w = box.height, box.width
+    np_prob = np.ndarray((h, w), np.float32, buffer=buf, offset=0)
+    hv = np.ndarray((2, h, w), np.float32, buffer=buf, offset=4 * h * w)
+    types = np.ndarray((h, w), np.uint8, buffer=buf, offset=12 * h * w) if typed else None
+    return RegionMaps(box, np_prob, hv, types)
+
+
+def postprocess_shared(
+    name: str, box: Box, typed: bool, region: Region, plan: SlidePlan, postprocess: dict[str, Any]
+) -> tuple[NucleusTable, float]:
+    """:func:`postprocess_region` on maps living in the shared-memory block ``name``."""
+    from multiprocessing import shared_memory
+
+    # Pool processes are spawned from the creating process and share its resource tracker, so
+    # attaching here registers nothing new; the creator alone unlinks the block.
+    shm = shared_memory.SharedMemory(name=name)
+    try:
+        maps = _maps_view(shm.buf, box, typed)
+        result = postprocess_region(maps, region, plan, postprocess)
+        del maps
+        return result
+    finally:
+        shm.close()
+
+
 # --------------------------------------------------------------------------- orchestration
 
 
@@ -300,27 +353,47 @@ def _iterate_regions(
                 return
             reads.append((region, executor.submit(read_region, plan, region)))
 
-    refill()
-    while reads:
-        region, future = reads.popleft()
-        image, seconds = future.result()
-        timings["read"] += seconds
-        refill()
-        start = time.perf_counter()
-        maps = predict_maps(model, image, region.maps.grow(plan.margin), region.maps,
-                            tile_wanted=plan.tile_wanted)
-        timings["infer"] += time.perf_counter() - start
-        del image
-        posts.append(executor.submit(postprocess_region, maps, region, plan, postprocess))
-        del maps
-        while len(posts) > max_pending or (posts and posts[0].done()):
-            table, seconds = posts.popleft().result()
-            timings["postprocess"] += seconds
-            yield table
-    while posts:
-        table, seconds = posts.popleft().result()
+    shared: dict[Future, _SharedMaps] = {}
+
+    def collect() -> NucleusTable:
+        future = posts.popleft()
+        try:
+            table, seconds = future.result()
+        finally:
+            if future in shared:
+                shared.pop(future).release()
         timings["postprocess"] += seconds
-        yield table
+        return table
+
+    refill()
+    try:
+        while reads:
+            region, read = reads.popleft()
+            image, seconds = read.result()
+            timings["read"] += seconds
+            refill()
+            start = time.perf_counter()
+            block = _SharedMaps(region.maps, model.typed) if executor.pool is not None else None
+            maps = predict_maps(model, image, region.maps.grow(plan.margin), region.maps,
+                                tile_wanted=plan.tile_wanted,
+                                out=block.maps() if block is not None else None)
+            timings["infer"] += time.perf_counter() - start
+            del image
+            if block is None:
+                posts.append(executor.submit(postprocess_region, maps, region, plan, postprocess))
+            else:
+                future = executor.submit(postprocess_shared, block.name, region.maps, model.typed,
+                                         region, plan, postprocess)
+                shared[future] = block
+                posts.append(future)
+            del maps
+            while len(posts) > max_pending or (posts and posts[0].done()):
+                yield collect()
+        while posts:
+            yield collect()
+    finally:
+        for block in shared.values():
+            block.release()
 
 
 def _sha256(path: Path) -> str:
@@ -438,8 +511,10 @@ def run_slide(
     start = time.perf_counter()
     try:
         for done, table in enumerate(
-            _iterate_regions(plan, model, executor, prefetch=max(1, options.workers),
-                             max_pending=max(1, options.workers), timings=timings),
+            # One region read ahead and one post-processing behind per pair of workers keeps
+            # every stage busy while bounding the regions in memory to a handful.
+            _iterate_regions(plan, model, executor, prefetch=max(1, options.workers // 2),
+                             max_pending=max(1, options.workers // 2), timings=timings),
             start=1,
         ):
             tables.append(table)

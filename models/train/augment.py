@@ -17,9 +17,7 @@ from numpy.typing import NDArray
 __all__ = ["AugmentOptions", "augment", "random_crop_transform"]
 
 # Ruifrok & Johnston stain vectors (haematoxylin, eosin, DAB) as rows, optical-density space
-_STAINS = np.array(
-    [[0.650, 0.704, 0.286], [0.072, 0.990, 0.105], [0.268, 0.570, 0.776]], dtype=np.float64
-)
+_STAINS = np.array([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105], [0.268, 0.570, 0.776]], dtype=np.float64)
 _STAINS = _STAINS / np.linalg.norm(_STAINS, axis=1, keepdims=True)
 _UNMIX = np.linalg.inv(_STAINS)
 
@@ -72,14 +70,14 @@ def random_crop_transform(
     shrink = min(1.0, float((room / np.maximum(extent, 1e-9)).min()))
     linear, extent = linear * shrink, extent * shrink
     extent = np.minimum(extent, room)  # rounding can leave it a hair above
-    centre = np.array([rng.uniform(extent[0], width - 1 - extent[0]), rng.uniform(extent[1], height - 1 - extent[1])])
+    centre = np.array(
+        [rng.uniform(extent[0], width - 1 - extent[0]), rng.uniform(extent[1], height - 1 - extent[1])]
+    )
     offset = centre - linear @ np.array([half, half])
     return np.hstack([linear, offset[:, None]])
 
 
-def _warp(
-    array: NDArray, matrix: NDArray[np.float64], out_size: int, *, nearest: bool
-) -> NDArray:
+def _warp(array: NDArray, matrix: NDArray[np.float64], out_size: int, *, nearest: bool) -> NDArray:
     flags = (cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR) | cv2.WARP_INVERSE_MAP
     return cv2.warpAffine(array, matrix, (out_size, out_size), flags=flags, borderMode=cv2.BORDER_REFLECT_101)
 
@@ -95,7 +93,7 @@ def _geometry(
     matrix = random_crop_transform(inst.shape, out_size, rng, options)
     if np.allclose(matrix[:, :2], np.eye(2)):
         # an integer crop: exact, and much faster than resampling
-        col, row = (int(round(v)) for v in matrix[:, 2])
+        col, row = (int(np.rint(v)) for v in matrix[:, 2])
         window = np.s_[row : row + out_size, col : col + out_size]
         image, inst, types = image[window], inst[window], types[window]
     else:

@@ -60,7 +60,12 @@ class ModelConfig(_Strict):
 class LossConfig(_Strict):
     weights: dict[str, float] = Field(
         default_factory=lambda: {
-            "np_ce": 1.0, "np_dice": 1.0, "hv_mse": 1.0, "hv_msge": 2.0, "tp_ce": 1.0, "tp_dice": 1.0,
+            "np_ce": 1.0,
+            "np_dice": 1.0,
+            "hv_mse": 1.0,
+            "hv_msge": 2.0,
+            "tp_ce": 1.0,
+            "tp_dice": 1.0,
         }
     )
     class_weights: tuple[float, ...] | None = None
@@ -102,6 +107,10 @@ class TrainConfig(_Strict):
     eval_every: int = Field(0, ge=0)
     """Held-out evaluation (PQ etc.) every N steps; 0 = only at the end (when there is a hold-out)."""
     output_dir: Path = Path("runs")
+    channels_last: bool = False
+    """Train in channels-last memory format: 2-3x faster convolution backward on CPU (oneDNN).
+    Off by default: oneDNN 3.x in torch 2.13 corrupts memory in the backward pass of strided 1x1
+    convolutions with fewer than 16 input channels in this format (seen with conic-tiny)."""
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()

@@ -22,7 +22,15 @@ from numpy.typing import NDArray
 from models.train.augment import AugmentOptions, augment
 from models.train.targets import hv_targets
 
-__all__ = ["SOURCES", "Item", "PatchSampler", "load_items", "resample_image", "resample_labels", "split_items"]
+__all__ = [
+    "SOURCES",
+    "Item",
+    "PatchSampler",
+    "load_items",
+    "resample_image",
+    "resample_labels",
+    "split_items",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +79,14 @@ def resample_labels(labels: NDArray[np.integer], factor: float) -> NDArray[np.in
 
 
 def _make_item(
-    name: str, group: str, source: str, image: NDArray, inst: NDArray, types: NDArray | None, src_mpp: float, mpp: float
+    name: str,
+    group: str,
+    source: str,
+    image: NDArray,
+    inst: NDArray,
+    types: NDArray | None,
+    src_mpp: float,
+    mpp: float,
 ) -> Item:
     factor = src_mpp / mpp
     return Item(
@@ -106,7 +121,9 @@ def _consep_train(root: Path, mpp: float, limit: int | None) -> Iterable[Item]:
         inst_all, type_all = labels["inst"], labels["type_map"]
     for i, name in enumerate(names[:limit]):
         image = _read_rgb(folder / "images" / f"{name}.jpg")
-        yield _make_item(name, _consep_group(name), "consep_train", image, inst_all[i], type_all[i], src_mpp, mpp)
+        yield _make_item(
+            name, _consep_group(name), "consep_train", image, inst_all[i], type_all[i], src_mpp, mpp
+        )
 
 
 def _consep_test(root: Path, mpp: float, limit: int | None) -> Iterable[Item]:
@@ -114,7 +131,9 @@ def _consep_test(root: Path, mpp: float, limit: int | None) -> Iterable[Item]:
         names, src_mpp = [str(n) for n in data["names"]], float(data["mpp"])
         images, inst_all, type_all = data["images"], data["inst"], data["type_map"]
     for i, name in enumerate(names[:limit]):
-        yield _make_item(name, _consep_group(name), "consep_test", images[i], inst_all[i], type_all[i], src_mpp, mpp)
+        yield _make_item(
+            name, _consep_group(name), "consep_test", images[i], inst_all[i], type_all[i], src_mpp, mpp
+        )
 
 
 def _monuseg(root: Path, mpp: float, limit: int | None) -> Iterable[Item]:
@@ -216,7 +235,8 @@ class PatchSampler:
         if not self.items:
             raise ValueError(f"no training item is at least {patch_size} px on each side")
         weights = np.array(
-            [item.inst.size * (source_weights or {}).get(item.source, 1.0) for item in self.items], dtype=np.float64
+            [item.inst.size * (source_weights or {}).get(item.source, 1.0) for item in self.items],
+            dtype=np.float64,
         )
         self.probabilities = weights / weights.sum()
         self.patch_size = patch_size

@@ -43,7 +43,9 @@ def _gradients(hv: torch.Tensor, size: int) -> torch.Tensor:
     return F.conv2d(hv, weight, padding=size // 2, groups=2)
 
 
-def gradient_mse(pred_hv: torch.Tensor, true_hv: torch.Tensor, focus: torch.Tensor, *, size: int = 5) -> torch.Tensor:
+def gradient_mse(
+    pred_hv: torch.Tensor, true_hv: torch.Tensor, focus: torch.Tensor, *, size: int = 5
+) -> torch.Tensor:
     """Mean squared error of the HV maps' Sobel gradients, over the nucleus pixels only.
 
     Parameters
@@ -58,7 +60,9 @@ def gradient_mse(pred_hv: torch.Tensor, true_hv: torch.Tensor, focus: torch.Tens
     return (diff * weight).sum() / (2.0 * weight.sum() + _EPS)
 
 
-def dice_loss(prob: torch.Tensor, onehot: torch.Tensor, *, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+def dice_loss(
+    prob: torch.Tensor, onehot: torch.Tensor, *, sample_weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Soft Dice loss summed over channels (HoVer-Net's form: 1 - 2|PT| / (|P| + |T|) per channel).
 
     Parameters
@@ -122,7 +126,9 @@ class HoverLoss(torch.nn.Module):
             "np_dice": dice_loss(torch.softmax(logits, dim=1), onehot),
         }
 
-    def _tp_terms(self, logits: torch.Tensor, target: torch.Tensor, typed: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _tp_terms(
+        self, logits: torch.Tensor, target: torch.Tensor, typed: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         if not bool(typed.any()):
             zero = logits.sum() * 0.0  # keeps the graph connected so every parameter gets a gradient
             return {"tp_ce": zero, "tp_dice": zero}

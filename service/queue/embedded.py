@@ -1,4 +1,8 @@
-"""The embedded queue: the job tasks run on threads inside the API process (no Redis needed).
+"""The embedded queue: jobs run without Redis, driven by threads of the API process.
+
+The tasks themselves run in a child process (one per thread) so that slide decoding, inference and
+post-processing never hold the API's GIL: status requests stay fast while a slide is processed,
+and a crash in a native library costs one task attempt, not the API.
 
 Durable through the store: on start it takes up every job a previous process left unfinished
 (their finished regions are kept, so only the rest is redone). A job interrupted more than the
@@ -8,13 +12,27 @@ retry policy allows fails with that reason instead of looping forever.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from service.catalog import Catalog
 from service.jobs import JobRecord, JobState
-from service.queue.tasks import TaskContext, fail_job, finalize_job, prepare_job, run_region
+from service.queue.tasks import (
+    TaskContext,
+    fail_job,
+    finalize_job,
+    prepare_job,
+    run_region,
+    set_context,
+)
+from service.settings import Settings
+from service.store import Store
 from worker.errors import SlideError
 
 __all__ = ["EmbeddedQueue"]
@@ -22,6 +40,22 @@ __all__ = ["EmbeddedQueue"]
 logger = logging.getLogger(__name__)
 
 _STOP = object()
+
+
+TASK_NICENESS = 10
+"""Scheduling niceness added to the task process: requests to the API come first."""
+
+
+def _init_child(settings: Settings) -> None:
+    """Task process start-up: the same context as the API's, built from the same settings."""
+    os.nice(TASK_NICENESS)
+    store = Store(settings.store, cache_dir=settings.cache_dir, storage_options=settings.store_options)
+    set_context(TaskContext(store=store, catalog=Catalog(settings.models_dir), settings=settings,
+                            worker_name="embedded"))
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
 
 
 class EmbeddedQueue:
@@ -39,6 +73,8 @@ class EmbeddedQueue:
         self._jobs: queue.Queue[Any] = queue.Queue()
         self._threads = [threading.Thread(target=self._loop, name=f"hoverserve-job-{i}", daemon=True)
                          for i in range(threads)]
+        self._pool: ProcessPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"EmbeddedQueue(threads={len(self._threads)})"
@@ -77,6 +113,26 @@ class EmbeddedQueue:
             self._jobs.put(_STOP)
         for thread in self._threads:
             thread.join(timeout=5)
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+
+    def _in_child(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a task in the task process (started on first use, restarted after a crash)."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    len(self._threads), mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_init_child, initargs=(self.context.settings,))
+            pool = self._pool
+        try:
+            return pool.submit(_call, fn, *args).result()
+        except BrokenProcessPool:
+            with self._pool_lock:
+                if self._pool is pool:
+                    self._pool = None
+            raise
 
     def _loop(self) -> None:
         while True:
@@ -96,7 +152,7 @@ class EmbeddedQueue:
         """Call a task under the retry policy: slide errors are final, others retried."""
         for attempt in range(1, self.max_attempts + 1):
             try:
-                return fn(*args)
+                return self._in_child(fn, *args)
             except SlideError:
                 raise
             except Exception:

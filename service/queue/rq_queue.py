@@ -168,6 +168,17 @@ class _Beat(threading.Thread):
                 logger.exception("worker %s: heartbeat/reaper failed", self.worker_name)
 
 
+def _forget_dead_namesake(redis: Redis, name: str) -> None:
+    """Drop the RQ registration of a killed worker of the same name (it never deregistered)."""
+    if redis.exists(ALIVE_KEY.format(name)):
+        return  # a live worker has this name: RQ refuses the new one with its own message
+    stale = SimpleWorker.find_by_key(SimpleWorker.redis_worker_namespace_prefix + name,
+                                     connection=redis)
+    if stale is not None:
+        logger.warning("worker %s: forgetting the registration of a dead worker of that name", name)
+        stale.register_death()
+
+
 def run_worker(settings: Settings, *, name: str | None = None, burst: bool = False) -> None:
     """Run a worker until stopped (or, with ``burst``, until the queue is empty)."""
     name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -176,6 +187,7 @@ def run_worker(settings: Settings, *, name: str | None = None, burst: bool = Fal
                                   settings=settings, worker_name=name))
     redis = Redis.from_url(settings.redis_url or "")
     queue = Queue(settings.queue_name, connection=redis)
+    _forget_dead_namesake(redis, name)
     beat = _Beat(redis, queue, name, settings.worker_dead_after_s)
     beat.beat()
     beat.start()

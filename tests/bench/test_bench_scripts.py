@@ -186,8 +186,20 @@ def test_speed_summary_ratio_and_throughput() -> None:
     assert s["tia_min_s"] == 3.0 and s["our_min_s"] == 1.0
     assert s["ratio_min"] == 3.0 and s["ratio_median"] == pytest.approx(4.0 / 1.5)
     assert s["our_mpx_s"] == 2.0 and s["tia_ms_per_1k_nuclei"] == 3000.0
+    assert "ratio_cpu_min" not in s
     with pytest.raises(ValueError, match="at least one"):
         postprocess.speed_summary([], [1.0], 1, 1)
+
+
+def test_speed_summary_with_cpu_times() -> None:
+    s = postprocess.speed_summary([2.0], [1.0], 10, 10, tia_cpu=[1.8, 1.5], our_cpu=[0.5, 0.6])
+    assert s["tia_cpu_min_s"] == 1.5 and s["our_cpu_min_s"] == 0.5 and s["ratio_cpu_min"] == 3.0
+
+
+def test_fast_map_sets_run_several_times_per_round() -> None:
+    assert postprocess._inner_repeats(0.25, 1.0) == 4
+    assert postprocess._inner_repeats(3.0, 1.0) == 1
+    assert postprocess._inner_repeats(0.0001, 1.0) == 10
 
 
 def test_tiatoolbox_side_feeds_postproc_the_layout_infer_batch_returns(tmp_path: Path) -> None:
@@ -251,8 +263,9 @@ def _end_to_end_results() -> dict:
           "tissue_mpx_per_s": 0.4, "slide_shape": [2000, 3000], "slide_mpp": 0.5, "nuclei": 1234,
           "timings": {"infer": 6.0, "postprocess": 2.0}, "model_name": "m", "error": ""}
     failed = {**ok, "slide": "b.dcm", "returncode": 2, "error": "hoverserve: error: no mpp"}
+    empty = {**ok, "slide": "c.tiff", "tissue_mm2": 0.0, "tissue_mpx": 0.0, "tissue_mpx_per_s": 0.0}
     return {"model_name": "m.onnx", "repeats": 1, "sample_seconds": 0.05, "extra_options": [],
-            "runs": [ok, failed]}
+            "note": "A stand-in model.", "runs": [ok, failed, empty]}
 
 
 def test_report_renders_every_table_with_the_numbers() -> None:
@@ -263,6 +276,9 @@ def test_report_renders_every_table_with_the_numbers() -> None:
     assert "meets the ≥ 2× goal" in text
     assert "| a.svs | 3,000×2,000 | 0.500 | 4.00 | 10.0 | **0.400** | 900 | 1,234 | 3 |" in text
     assert "failed: hoverserve: error: no mpp" in text
+    assert "| c.tiff |" in text and "– (no tissue found)" in text
+    assert "**Note.** A stand-in model." in text
+    assert "ours is 2.0–2.0× faster there" in text  # 0.3 s against 0.15 s in the watershed half
     for line in text.splitlines():
         if line.startswith("|"):
             assert line.endswith("|")

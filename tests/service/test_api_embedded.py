@@ -139,17 +139,23 @@ def test_submit_command_follows_the_job_and_downloads_results(
 
 
 def test_jobs_and_results_survive_an_api_restart(
-    server: Server, home: Path, finished_job: dict
+    server: Server, client: httpx.Client, home: Path, finished_job: dict
 ) -> None:
-    server.stop()
+    interrupted = submit(client, CMU1, {**ORACLE, "roi": [0, 0, 1000, 1000], "region_size": 256,
+                                        "tissue_mask": False}).json()
+    wait_for(client, interrupted["id"], states=("running",))
+    server.kill()  # no shutdown of any kind: the job is mid-flight
     again = Server(service_env(home), home / "api-2.log")
     try:
-        with httpx.Client(base_url=again.url, timeout=60) as client:
-            job = client.get(f"/v1/jobs/{finished_job['id']}").json()
+        with httpx.Client(base_url=again.url, timeout=60) as fresh:
+            job = fresh.get(f"/v1/jobs/{finished_job['id']}").json()
             assert job["state"] == "succeeded"
             assert job["progress"] == finished_job["progress"]
-            geojson = client.get(f"/v1/jobs/{finished_job['id']}/results/nuclei.geojson.gz")
+            geojson = fresh.get(f"/v1/jobs/{finished_job['id']}/results/nuclei.geojson.gz")
             assert geojson.status_code == 200
             assert len(json.loads(gzip.decompress(geojson.content))["features"]) > 0
+            resumed = wait_for(fresh, interrupted["id"])
+            assert resumed["state"] == "succeeded", resumed
+            assert resumed["progress"]["regions_done"] == resumed["progress"]["regions_total"]
     finally:
         again.stop()

@@ -68,11 +68,14 @@ def big_slide(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _tree_rss(proc: psutil.Process) -> int:
+    """Resident memory of the process tree: the sum of proportional set sizes (PSS), so pages
+    shared between the pool processes (libraries, shared-memory maps) count once, not per
+    process — the honest total of what the run holds in RAM."""
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
+            total += p.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return total
 

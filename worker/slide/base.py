@@ -53,7 +53,7 @@ MAX_CHUNK_BYTES = 64 * 1024 * 1024
 """Largest decoded tile, strip or frame we accept, bytes: a header claiming bigger ones is either
 damaged or would need a huge allocation for every small read."""
 
-CHUNK_CACHE_BYTES = 128 * 1024 * 1024
+CHUNK_CACHE_BYTES = 32 * 1024 * 1024
 """Decoded tiles, strips or frames a reader keeps for neighbouring reads (region halos overlap),
 bytes per open slide."""
 

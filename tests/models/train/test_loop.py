@@ -1,0 +1,82 @@
+"""The smoke config trains, writes a resumable checkpoint, and resuming continues from its step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.train.config import REPO_ROOT, load_config
+from models.train.loop import run_training, train
+
+SMOKE = REPO_ROOT / "configs" / "smoke.yaml"
+
+
+def _config(tmp_path: Path, **update: object):
+    config = load_config(SMOKE)
+    data = config.data.model_copy(update={"holdout": ()})  # no evaluation: keeps the test quick
+    return config.model_copy(update={"output_dir": tmp_path, "data": data, **update})
+
+
+def test_smoke_config_trains_and_evaluates(tmp_path: Path) -> None:
+    config = load_config(SMOKE).model_copy(update={"output_dir": tmp_path})
+    checkpoint = run_training(config, device="cpu", progress=False)
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["step"] == config.steps
+    assert "monuseg/pq" in state["metrics"]
+    lines = (checkpoint.parent / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, config.steps + 1))
+
+
+def test_resume_continues_from_the_checkpoint_step(tmp_path: Path) -> None:
+    straight = run_training(_config(tmp_path / "a", steps=4), device="cpu", progress=False)
+    run_training(_config(tmp_path / "b", steps=4, checkpoint_every=2), device="cpu", progress=False)
+    # interrupt-and-resume: train 2 of 4 steps, then resume to the end
+    half = _config(tmp_path / "c", steps=4, checkpoint_every=2)
+    _stop_after(half, 2)
+    assert torch.load(half.run_dir / "last.pt", weights_only=True)["step"] == 2
+    resumed = run_training(half, resume=True, device="cpu", progress=False)
+    a = torch.load(straight, weights_only=True)
+    c = torch.load(resumed, weights_only=True)
+    assert c["step"] == 4
+    for key, value in a["model"].items():
+        torch.testing.assert_close(c["model"][key], value, atol=1e-5, rtol=1e-4)
+
+
+def _stop_after(config, steps: int) -> None:
+    # same schedule (total steps unchanged) but the process stops early, as if killed
+    import models.train.loop as loop
+
+    original = loop.PatchSampler.batch
+
+    def batch(self, step: int, batch_size: int):
+        if step >= steps:
+            raise KeyboardInterrupt
+        return original(self, step, batch_size)
+
+    loop.PatchSampler.batch = batch
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_training(config, device="cpu", progress=False)
+    finally:
+        loop.PatchSampler.batch = original
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path: Path) -> None:
+    config = _config(tmp_path, steps=2)
+    run_training(config, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="exists"):
+        run_training(config, device="cpu", progress=False)
+
+
+def test_train_reads_a_config_file(tmp_path: Path) -> None:
+    text = (
+        SMOKE.read_text()
+        .replace("output_dir: runs", f"output_dir: {tmp_path}")
+        .replace("steps: 4", "steps: 1")
+    )
+    path = tmp_path / "smoke.yaml"
+    path.write_text(text)
+    assert train(path, device="cpu", progress=False) == tmp_path / "smoke" / "last.pt"

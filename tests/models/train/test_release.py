@@ -1,0 +1,40 @@
+"""A training checkpoint exports to an ONNX file with a complete card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from models.card import read_card
+from models.train.config import REPO_ROOT, load_config
+from models.train.loop import run_training
+from models.train.release import export_trained
+
+
+def test_export_trained_writes_contract_onnx_with_card(tmp_path: Path) -> None:
+    config = load_config(REPO_ROOT / "configs" / "smoke.yaml")
+    config = config.model_copy(
+        update={
+            "output_dir": tmp_path,
+            "steps": 1,
+            "data": config.data.model_copy(update={"holdout": ()}),
+            "card": config.card.model_copy(update={"input_size": 64, "output_size": 48}),
+        }
+    )
+    checkpoint = run_training(config, device="cpu", progress=False)
+    card = export_trained(checkpoint, tmp_path / "model.onnx", metrics={"note": "smoke"})
+    stored = read_card(tmp_path / "model.onnx")
+    assert stored == card
+    assert card.mpp == 0.5 and card.margin == 8 and card.metrics == {"note": "smoke"}
+    assert (
+        card.architecture == "conic-tiny" and len(card.classes) == 5 and card.classes[0].name == "background"
+    )
+
+
+def test_export_rejects_a_file_that_is_not_a_checkpoint(tmp_path: Path) -> None:
+    import torch
+
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not a HoVerServe training checkpoint"):
+        export_trained(tmp_path / "x.pt", tmp_path / "x.onnx")
