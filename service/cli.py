@@ -142,7 +142,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 def _cmd_model_import(args: argparse.Namespace) -> int:
     from models.importer import import_to_onnx
 
-    card = import_to_onnx(args.checkpoint, args.output, types=args.types, name=args.name)
+    card = import_to_onnx(args.checkpoint, args.output, types=args.types, name=args.name,
+                          trusted=args.trust_checkpoint)
     print(f"wrote {args.output}: {card.name} ({card.architecture}, "
           f"{len(card.classes)} classes, {card.input_size}→{card.output_size} px at {card.mpp} µm/px)")
     return 0
@@ -244,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--types", help="pannuke | consep | monusac | classes JSON file")
     p.add_argument("--name", help="model name for the card")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow arbitrary pickled objects in the checkpoint (only for files you trust)")
     p.set_defaults(func=_cmd_model_import)
     p = msub.add_parser("export", help="a HoVerServe training checkpoint → ONNX")
     p.add_argument("checkpoint")

@@ -8,6 +8,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
 from service.cli import _EXTRA_COMMANDS, UsageError, _positive_float, _roi
 
@@ -17,7 +18,7 @@ __all__ = ["register"]
 def _settings(store: str | None):
     from service.settings import Settings
 
-    overrides = {"store": store} if store else {}
+    overrides: dict[str, Any] = {"store": store} if store else {}
     return Settings(**overrides)
 
 

@@ -33,11 +33,11 @@ class ErrorBody(BaseModel):
 
 
 class JobProgress(BaseModel):
-    regions_done: int = Field(0, description="regions segmented so far")
-    regions_total: int | None = Field(None, description="regions planned (null until planned)")
-    nuclei: int = Field(0, description="nuclei found so far (before seam merging)")
-    fraction: float = Field(0.0, ge=0, le=1, description="regions_done / regions_total")
-    eta_seconds: float | None = Field(None, description="estimated seconds to completion")
+    regions_done: int = Field(default=0, description="regions segmented so far")
+    regions_total: int | None = Field(default=None, description="regions planned (null until planned)")
+    nuclei: int = Field(default=0, description="nuclei found so far (before seam merging)")
+    fraction: float = Field(default=0.0, ge=0, le=1, description="regions_done / regions_total")
+    eta_seconds: float | None = Field(default=None, description="estimated seconds to completion")
 
 
 class SlideInfo(BaseModel):
@@ -56,9 +56,9 @@ class JobStatus(BaseModel):
     options: JobOptions
     slide: SlideInfo
     progress: JobProgress
-    error: ErrorDetail | None = Field(None, description="why the job failed (state failed)")
+    error: ErrorDetail | None = Field(default=None, description="why the job failed (state failed)")
     results: dict[str, str] = Field(default_factory=dict, description="output name → download URL")
-    expired: bool = Field(False, description="the retention time passed; results were deleted")
+    expired: bool = Field(default=False, description="the retention time passed; results were deleted")
 
 
 class JobList(BaseModel):

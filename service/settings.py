@@ -28,28 +28,28 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HOVERSERVE_", extra="ignore")
 
-    store: str = Field(DEFAULT_STORE, description="fsspec URL or directory for slides, jobs and results")
+    store: str = Field(default=DEFAULT_STORE, description="fsspec URL or directory for slides, jobs and results")
     store_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec storage options (JSON), e.g. S3 endpoint_url")
-    redis_url: str | None = Field(None, description="Redis URL; unset = embedded in-process queue")
+    redis_url: str | None = Field(default=None, description="Redis URL; unset = embedded in-process queue")
     api_keys: str | None = Field(
         None, description="comma-separated SHA-256 hex digests of the accepted API keys; unset = no auth")
-    models_dir: Path | None = Field(None, description="folder of extra *.onnx models, named by stem")
-    cache_dir: Path = Field(Path("./hoverserve-cache"),
+    models_dir: Path | None = Field(default=None, description="folder of extra *.onnx models, named by stem")
+    cache_dir: Path = Field(default=Path("./hoverserve-cache"),
                             description="local folder for slides downloaded from a remote store")
-    max_upload_mb: float = Field(DEFAULT_MAX_UPLOAD_MB, gt=0, description="upload size limit, MiB")
-    retention_hours: float = Field(DEFAULT_RETENTION_HOURS, gt=0,
+    max_upload_mb: float = Field(default=DEFAULT_MAX_UPLOAD_MB, gt=0, description="upload size limit, MiB")
+    retention_hours: float = Field(default=DEFAULT_RETENTION_HOURS, gt=0,
                                    description="hours a finished job's data is kept")
-    sweep_interval_s: float = Field(300.0, gt=0, description="seconds between retention sweeps")
-    region_size: int = Field(2048, ge=64, description="region core side, model pixels")
-    batch_size: int = Field(8, ge=1, description="patches per inference batch")
-    device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="inference device")
-    max_attempts: int = Field(3, ge=1, description="tries per task before the job fails")
-    task_timeout_s: int = Field(1800, ge=10, description="seconds a single task may run (RQ)")
-    embedded_threads: int = Field(1, ge=1, description="jobs run at once by the embedded queue")
+    sweep_interval_s: float = Field(default=300.0, gt=0, description="seconds between retention sweeps")
+    region_size: int = Field(default=2048, ge=64, description="region core side, model pixels")
+    batch_size: int = Field(default=8, ge=1, description="patches per inference batch")
+    device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$", description="inference device")
+    max_attempts: int = Field(default=3, ge=1, description="tries per task before the job fails")
+    task_timeout_s: int = Field(default=1800, ge=10, description="seconds a single task may run (RQ)")
+    embedded_threads: int = Field(default=1, ge=1, description="jobs run at once by the embedded queue")
     worker_dead_after_s: float = Field(
         10.0, gt=0, description="seconds without a worker heartbeat before its tasks are retried")
-    queue_name: str = Field("hoverserve", min_length=1, description="RQ queue name")
+    queue_name: str = Field(default="hoverserve", min_length=1, description="RQ queue name")
 
     @field_validator("api_keys")
     @classmethod

@@ -52,8 +52,9 @@ _TABLE_COLUMNS = ("centroid", "bbox", "area_um2", "perimeter_um", "solidity", "e
 def save_table(table: NucleusTable, **extra: Any) -> bytes:
     """A nucleus table (plus small ``extra`` metadata arrays) as ``.npz`` bytes."""
     buffer = io.BytesIO()
-    columns = {name: getattr(table, name) for name in _TABLE_COLUMNS}
-    np.savez(buffer, **columns, **{f"meta_{k}": np.asarray(v) for k, v in extra.items()})
+    arrays: dict[str, Any] = {name: getattr(table, name) for name in _TABLE_COLUMNS}
+    arrays.update({f"meta_{k}": np.asarray(v) for k, v in extra.items()})
+    np.savez(buffer, **arrays)
     return buffer.getvalue()
 
 

@@ -14,6 +14,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
@@ -76,7 +77,7 @@ class _Receiver:
         self.buffer = bytearray()
         self.file_buffer = bytearray()
         self.digest = hashlib.sha256()
-        self.fh = None
+        self.fh: BinaryIO | None = None
         self.slide_parts = 0
 
     # multipart callbacks (called synchronously by parser.write)
@@ -132,6 +133,14 @@ class _Receiver:
             return data
         return None
 
+    def write(self, data: bytes) -> None:
+        if self.fh is not None:
+            self.fh.write(data)
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+
     def open_file(self) -> None:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix=".upload-")
@@ -175,14 +184,14 @@ async def receive_upload(
             parser.write(chunk)
             data = receiver.take_file_bytes()
             if data:
-                await run_in_threadpool(receiver.fh.write, data)  # type: ignore[union-attr]
+                await run_in_threadpool(receiver.write, data)
         parser.finalize()
         tail = receiver.take_file_bytes(force=True)
         if tail:
-            await run_in_threadpool(receiver.fh.write, tail)  # type: ignore[union-attr]
-        receiver.fh.close()  # type: ignore[union-attr]
+            await run_in_threadpool(receiver.write, tail)
+        receiver.close()
     except BaseException:
-        receiver.fh.close()  # type: ignore[union-attr]
+        receiver.close()
         upload.discard()
         raise
     if receiver.slide_parts == 0:

@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 409, 410, 413, 422, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody} for status in (400, 401, 404, 409, 410, 413, 422, 503)}
 
 _MEDIA_TYPES = {".json": "application/json", ".png": "image/png", ".zip": "application/zip",
                 ".gz": "application/gzip"}

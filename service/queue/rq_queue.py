@@ -53,7 +53,7 @@ def on_task_failure(job: Job, connection: Redis, exc_type: Any, exc: Any, tb: An
         logger.warning("job %s: task %s failed (%s), %s retries left", job.args[0], job.id,
                        exc_type.__name__ if exc_type else "?", job.retries_left)
         return
-    reason = f"task {job.func_name.rsplit('.', 1)[-1]} failed after all retries: "
+    reason = f"task {(job.func_name or '?').rsplit('.', 1)[-1]} failed after all retries: "
     reason += f"{exc_type.__name__}: {exc}" if exc_type else "abandoned"
     tasks.fail_job(job.args[0], exc if isinstance(exc, BaseException) else None, reason=reason)
 
@@ -133,12 +133,13 @@ def reap_abandoned(redis: Redis, queue: Queue) -> list[str]:
     abandoned: list[str] = []
     for entry in redis.zrange(registry.key, 0, -1):
         text = entry.decode() if isinstance(entry, bytes) else str(entry)
+        member: str = text
         job_id = text.split(":", 1)[0]
         job = Job.fetch(job_id, connection=redis) if redis.exists(Job.key_for(job_id)) else None
         if job is None or not job.worker_name:
             continue
         if not redis.exists(ALIVE_KEY.format(job.worker_name)):
-            redis.zadd(registry.key, {entry: 0})
+            redis.zadd(registry.key, {member: 0})
             abandoned.append(job_id)
     if abandoned:
         logger.warning("tasks of dead workers handed back for retry: %s", ", ".join(abandoned))
