@@ -51,7 +51,8 @@ _ALLOWED = {
 class JobOptions(BaseModel):
     """What the client asked for (the ``options`` form field)."""
 
-    model: str | None = Field(default=None, description="model name (GET /v1/models); default: the bundled one")
+    model: str | None = Field(
+        default=None, description="model name (GET /v1/models); default: the bundled one")
     mpp: float | None = Field(default=None, ge=0.01, le=100, description="µm per level-0 pixel override")
     roi: tuple[int, int, int, int] | None = Field(default=None, description="x, y, w, h in level-0 pixels")
     tissue_mask: bool = Field(default=True, description="skip background (false: analyse everything)")

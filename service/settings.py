@@ -28,12 +28,13 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HOVERSERVE_", extra="ignore")
 
-    store: str = Field(default=DEFAULT_STORE, description="fsspec URL or directory for slides, jobs and results")
+    store: str = Field(
+        default=DEFAULT_STORE, description="fsspec URL or directory for slides, jobs and results")
     store_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec storage options (JSON), e.g. S3 endpoint_url")
     redis_url: str | None = Field(default=None, description="Redis URL; unset = embedded in-process queue")
     api_keys: str | None = Field(
-        None, description="comma-separated SHA-256 hex digests of the accepted API keys; unset = no auth")
+        default=None, description="SHA-256 hex digests of accepted keys, comma-separated; unset = no auth")
     models_dir: Path | None = Field(default=None, description="folder of extra *.onnx models, named by stem")
     cache_dir: Path = Field(default=Path("./hoverserve-cache"),
                             description="local folder for slides downloaded from a remote store")
@@ -48,7 +49,7 @@ class Settings(BaseSettings):
     task_timeout_s: int = Field(default=1800, ge=10, description="seconds a single task may run (RQ)")
     embedded_threads: int = Field(default=1, ge=1, description="jobs run at once by the embedded queue")
     worker_dead_after_s: float = Field(
-        10.0, gt=0, description="seconds without a worker heartbeat before its tasks are retried")
+        default=10.0, gt=0, description="seconds without a worker heartbeat before its tasks are retried")
     queue_name: str = Field(default="hoverserve", min_length=1, description="RQ queue name")
 
     @field_validator("api_keys")
