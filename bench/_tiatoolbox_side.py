@@ -22,12 +22,14 @@ import resource
 import sys
 import time
 import types
+from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 
-def import_hovernet() -> type:
+def import_hovernet() -> Any:
     """TIAToolbox's ``HoVerNet`` class without the package-level ``__init__`` imports."""
     import tiatoolbox
 
@@ -49,7 +51,7 @@ class StageTimer:
     class attributes with timing wrappers measures exactly the calls it makes.
     """
 
-    def __init__(self, hovernet: type) -> None:
+    def __init__(self, hovernet: Any) -> None:
         self.seconds: dict[str, float] = {"proc_np_hv": 0.0, "get_instance_info": 0.0}
         self.info: dict = {}
         watershed = hovernet._proc_np_hv
@@ -113,13 +115,12 @@ def run_one(model, timer: StageTimer, maps: list[np.ndarray], repeats: int) -> d
 def versions() -> dict[str, str]:
     import cv2
     import scipy
-    import skimage
     import tiatoolbox
     import torch
 
     return {
         "python": platform.python_version(), "tiatoolbox": tiatoolbox.__version__,
-        "numpy": np.__version__, "scipy": scipy.__version__, "scikit-image": skimage.__version__,
+        "numpy": np.__version__, "scipy": scipy.__version__, "scikit-image": version("scikit-image"),
         "opencv": cv2.__version__, "torch": torch.__version__,
     }
 

@@ -143,11 +143,11 @@ def mosaic(
     inst = inst[:size, :size]
     type_map = type_map[:size, :size]
     # Cropping the last patches can remove whole instances: renumber to 1..n.
-    present, dense = np.unique(inst, return_inverse=True)
-    dense = dense.reshape(inst.shape).astype(np.int32)
+    present, inverse = np.unique(inst, return_inverse=True)
+    relabelled: NDArray[np.int32] = inverse.reshape(inst.shape).astype(np.int32)
     if present[0] != 0:
-        dense += 1
-    return dense, type_map
+        relabelled += 1
+    return relabelled, type_map
 
 
 def hv_targets(inst: NDArray[np.integer]) -> NDArray[np.float32]:

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -283,9 +283,10 @@ class _OurStages:
 def run_ours(folders: Sequence[Path], out: Path, repeats: Sequence[int]) -> dict[str, Any]:
     """Time ``hover_instances`` ``repeats[i]`` times on map set ``i`` (wall and process CPU time);
     save labels and types like the TIA side."""
+    from importlib.metadata import version
+
     import cv2
     import scipy
-    import skimage
 
     import worker.postprocess as post
 
@@ -295,7 +296,7 @@ def run_ours(folders: Sequence[Path], out: Path, repeats: Sequence[int]) -> dict
                          mpp=0.25)
     report: dict[str, Any] = {"side": "hoverserve", "sets": {}, "versions": {
         "python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
-        "scikit-image": skimage.__version__, "opencv": cv2.__version__,
+        "scikit-image": version("scikit-image"), "opencv": cv2.__version__,
     }}
     for folder, count in zip(folders, repeats, strict=True):
         maps = load_map_set(folder)
@@ -465,8 +466,6 @@ def main(argv: list[str] | None = None) -> int:
 def _json_default(value: object) -> object:
     if isinstance(value, np.generic):
         return value.item()
-    if hasattr(value, "__dataclass_fields__"):
-        return asdict(value)  # type: ignore[arg-type]
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 

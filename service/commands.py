@@ -66,7 +66,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     with Client(args.server, api_key=key) as client:
         try:
             job = client.submit(slide, options=options)
-            print(job["id"])  # noqa: T201 - CLI output
+            print(job["id"])
             if not args.wait and not args.out:
                 return 0
             bar = tqdm(total=0, unit="region", desc=slide.name, disable=args.quiet,
@@ -86,11 +86,11 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                 bar.close()
             if final["state"] != "succeeded":
                 error = final.get("error") or {}
-                print(f"job {job['id']} {final['state']}: {error.get('message', '')}", file=sys.stderr)  # noqa: T201 - CLI output
+                print(f"job {job['id']} {final['state']}: {error.get('message', '')}", file=sys.stderr)
                 return 1
             if args.out:
                 for path in client.download_all(job["id"], args.out):
-                    print(path)  # noqa: T201 - CLI output
+                    print(path)
         except ClientError as exc:
             raise UsageError(f"server answered {exc}") from exc
     return 0
@@ -100,14 +100,14 @@ def _cmd_key_new(args: argparse.Namespace) -> int:
     from service.deps import key_digest
 
     key = "hs_" + secrets.token_urlsafe(32)
-    print(json.dumps({"key": key, "sha256": key_digest(key)}, indent=2))  # noqa: T201 - CLI output
+    print(json.dumps({"key": key, "sha256": key_digest(key)}, indent=2))
     return 0
 
 
 def _cmd_key_hash(args: argparse.Namespace) -> int:
     from service.deps import key_digest
 
-    print(key_digest(args.key))  # noqa: T201 - CLI output
+    print(key_digest(args.key))
     return 0
 
 
