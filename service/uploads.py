@@ -104,7 +104,13 @@ class _Receiver:
             self.slide_parts += 1
             if self.slide_parts > 1:
                 raise BadUpload("send one file in the 'slide' field", code="bad_request")
-            name = display_name(filename.decode("utf-8", "replace") if filename else "slide")
+            raw = filename.decode("utf-8", "replace") if filename else "slide"
+            if re.search(r"[\\/]", raw) or raw.strip() in (".", ".."):
+                # Names are never used as paths, but a client sending one is confused or probing:
+                # say so rather than guess which part it meant.
+                raise BadUpload(f"file name {raw!r} contains a path; send a bare file name",
+                                code="invalid_filename")
+            name = display_name(raw)
             self.upload.name, self.upload.ext = name, _extension(name)
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
