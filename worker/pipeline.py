@@ -39,6 +39,7 @@ __all__ = [
     "RunResult",
     "SlidePlan",
     "class_counts",
+    "exit_with_parent",
     "finalize",
     "plan_slide",
     "prepare_slide",
@@ -312,12 +313,31 @@ def postprocess_shared(
 # --------------------------------------------------------------------------- orchestration
 
 
+def exit_with_parent(interval: float = 1.0) -> None:
+    """In a pool process: exit as soon as the process that started it is gone.
+
+    A parent killed outright (SIGKILL, OOM) cannot shut its pool down; without this its children
+    would be orphaned, some blocked forever on a pipe nobody will write to.
+    """
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 class _Executor:
     """A process pool, or direct calls when ``workers == 0`` (debugging, tiny inputs)."""
 
     def __init__(self, workers: int) -> None:
         self.pool = (
-            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                initializer=exit_with_parent)
             if workers > 0 else None
         )
 

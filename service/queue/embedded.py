@@ -48,6 +48,9 @@ TASK_NICENESS = 10
 
 def _init_child(settings: Settings) -> None:
     """Task process start-up: the same context as the API's, built from the same settings."""
+    from worker.pipeline import exit_with_parent
+
+    exit_with_parent()  # an API killed outright must not leave its task process behind
     os.nice(TASK_NICENESS)
     store = Store(settings.store, cache_dir=settings.cache_dir, storage_options=settings.store_options)
     set_context(TaskContext(store=store, catalog=Catalog(settings.models_dir), settings=settings,
