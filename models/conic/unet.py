@@ -77,6 +77,9 @@ class ConicNet(nn.Module):
         Pixels cut from each side of every output (output side = input side - 2 * margin).
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(
         self,
         n_classes: int = 5,

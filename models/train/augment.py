@@ -104,10 +104,9 @@ def _geometry(
     if options.flips:
         k = int(rng.integers(4))
         flip = bool(rng.integers(2))
-        arrays = [np.rot90(a, k) for a in (image, inst, types)]
+        image, inst, types = np.rot90(image, k), np.rot90(inst, k), np.rot90(types, k)
         if flip:
-            arrays = [a[:, ::-1] for a in arrays]
-        image, inst, types = arrays
+            image, inst, types = image[:, ::-1], inst[:, ::-1], types[:, ::-1]
     return np.ascontiguousarray(image), np.ascontiguousarray(inst), np.ascontiguousarray(types)
 
 
@@ -132,7 +131,7 @@ def _colour(image: NDArray[np.uint8], rng: np.random.Generator, options: Augment
         rgb = (rgb - mean) * contrast + mean + brightness
     if options.blur_p and rng.random() < options.blur_p:
         sigma = rng.uniform(0.3, options.blur_sigma)
-        rgb = cv2.GaussianBlur(rgb, (0, 0), sigma)
+        rgb = np.asarray(cv2.GaussianBlur(rgb, (0, 0), sigma), dtype=np.float32)
     return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -174,6 +173,7 @@ def augment(
         raise ValueError(f"inst shape {inst.shape} differs from image shape {image.shape[:2]}")
     if min(inst.shape) < out_size:
         raise ValueError(f"out_size {out_size} exceeds the image {inst.shape}")
-    types = np.zeros(inst.shape, np.uint8) if types is None else types.astype(np.uint8, copy=False)
-    image, inst32, types = _geometry(image, inst.astype(np.int32, copy=False), types, out_size, rng, options)
-    return _colour(image, rng, options), inst32, types
+    types8 = np.zeros(inst.shape, np.uint8) if types is None else types.astype(np.uint8, copy=False)
+    inst32 = inst.astype(np.int32, copy=False)
+    image, inst32, types8 = _geometry(image, inst32, types8, out_size, rng, options)
+    return _colour(image, rng, options), inst32, types8

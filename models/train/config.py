@@ -107,17 +107,19 @@ class TrainConfig(_Strict):
     eval_every: int = Field(0, ge=0)
     """Held-out evaluation (PQ etc.) every N steps; 0 = only at the end (when there is a hold-out)."""
     output_dir: Path = Path("runs")
+    init_from: Path | None = None
+    """Start from the weights of this checkpoint (fine-tuning); optimiser and step start afresh."""
     channels_last: bool = False
     """Train in channels-last memory format: 2-3x faster convolution backward on CPU (oneDNN).
     Off by default: oneDNN 3.x in torch 2.13 corrupts memory in the backward pass of strided 1x1
     convolutions with fewer than 16 input channels in this format (seen with conic-tiny)."""
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    loss: LossConfig = LossConfig()
-    optim: OptimConfig = OptimConfig()
+    data: DataConfig = Field(default_factory=lambda: DataConfig.model_validate({}))
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig.model_validate({}))
     augment: dict[str, Any] = Field(default_factory=dict)
     """Overrides of :class:`models.train.augment.AugmentOptions` fields."""
-    card: CardConfig = CardConfig()
+    card: CardConfig = Field(default_factory=CardConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -142,7 +144,7 @@ def load_config(path: str | Path) -> TrainConfig:
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
+        import yaml  # type: ignore[import-untyped]
 
         raw = yaml.safe_load(text)
     elif path.suffix.lower() == ".json":

@@ -65,7 +65,7 @@ def resample_image(image: NDArray[np.uint8], factor: float) -> NDArray[np.uint8]
     height, width = image.shape[:2]
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
     interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
-    return cv2.resize(image, size, interpolation=interp)
+    return np.asarray(cv2.resize(image, size, interpolation=interp), dtype=np.uint8)
 
 
 def resample_labels(labels: NDArray[np.integer], factor: float) -> NDArray[np.integer]:
@@ -111,7 +111,7 @@ def _read_rgb(path: Path) -> NDArray[np.uint8]:
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
         raise FileNotFoundError(f"cannot read image {path}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), dtype=np.uint8)
 
 
 def _consep_train(root: Path, mpp: float, limit: int | None) -> Iterable[Item]:

@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]
 
 from models.conic.builder import BUILDERS
+from models.conic.unet import ConicNet
 from models.train.augment import AugmentOptions
-from models.train.config import ModelConfig, TrainConfig, load_config
+from models.train.config import REPO_ROOT, ModelConfig, TrainConfig, load_config
 from models.train.data import Item, PatchSampler, load_items, split_items
 from models.train.losses import HoverLoss
 from models.train.validate import evaluate_items, summarise
@@ -34,7 +35,7 @@ CLASS_NAMES = ("background", "other", "inflammatory", "epithelial", "spindle")
 """Type classes of the typed training data (CoNSeP's merged 4-class scheme)."""
 
 
-def build_model(config: ModelConfig) -> nn.Module:
+def build_model(config: ModelConfig) -> ConicNet:
     """Instantiate the network a config names."""
     if config.architecture not in BUILDERS:
         raise ValueError(f"unknown architecture {config.architecture!r}; known: {sorted(BUILDERS)}")
@@ -148,7 +149,8 @@ def run_training(
         source_weights=config.data.source_weights,
     )
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = build_model(config.model).to(dev, memory_format=memory_format)
+    model = build_model(config.model).to(dev)
+    model = model.to(memory_format=memory_format)  # type: ignore[call-overload]
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
     )
@@ -156,6 +158,10 @@ def run_training(
     loss_fn = HoverLoss(config.loss.weights, class_weights=config.loss.class_weights).to(dev)
 
     start, metrics, best = 0, {}, -math.inf
+    if config.init_from is not None and not (resume and checkpoint.exists()):
+        source = config.init_from if config.init_from.is_absolute() else REPO_ROOT / config.init_from
+        model.load_state_dict(torch.load(source, map_location=dev, weights_only=True)["model"])
+        logger.info("initialised from %s", source)
     if resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location=dev, weights_only=True)
         model.load_state_dict(state["model"])

@@ -91,6 +91,7 @@ class HoverLoss(torch.nn.Module):
         Per-class cross-entropy weights of the type head (background first).
     """
 
+    class_weights: torch.Tensor | None
     TERMS = ("np_ce", "np_dice", "hv_mse", "hv_msge", "tp_ce", "tp_dice")
 
     def __init__(self, weights: Mapping[str, float], *, class_weights: Sequence[float] | None = None) -> None:

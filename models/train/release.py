@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from models.card import ClassInfo, ModelCard
+from models.conic.unet import ConicNet
 from models.train.config import TrainConfig
 from models.train.loop import build_model
 
@@ -18,7 +19,7 @@ __all__ = ["card_for", "export_trained", "load_checkpoint"]
 logger = logging.getLogger(__name__)
 
 
-def load_checkpoint(checkpoint: str | Path) -> tuple[torch.nn.Module, TrainConfig, dict[str, Any]]:
+def load_checkpoint(checkpoint: str | Path) -> tuple[ConicNet, TrainConfig, dict[str, Any]]:
     """Rebuild the network of a checkpoint written by :func:`models.train.train`.
 
     Returns
@@ -65,6 +66,7 @@ def export_trained(
     output: str | Path,
     *,
     metrics: Mapping[str, Any] | None = None,
+    postprocess: Mapping[str, Any] | None = None,
     check: bool = True,
 ) -> ModelCard:
     """Export a training checkpoint to an ONNX file following the HoVerServe model contract.
@@ -77,6 +79,9 @@ def export_trained(
         ONNX file to write (its folder must exist).
     metrics : mapping, optional
         Metrics for the card; default: the held-out metrics stored in the checkpoint.
+    postprocess : mapping, optional
+        Post-processing options for the card (e.g. ``np_threshold``, ``marker_threshold``
+        chosen on the hold-out); default: the training config's ``card.postprocess``.
     check : bool
         Run the written file once in ONNX Runtime.
 
@@ -88,6 +93,10 @@ def export_trained(
     from models.export import export_onnx
 
     model, config, stored = load_checkpoint(checkpoint)
+    if postprocess is not None:
+        config = config.model_copy(
+            update={"card": config.card.model_copy(update={"postprocess": dict(postprocess)})}
+        )
     card = card_for(config, metrics=stored if metrics is None else metrics)
     model.margin = card.margin  # the exported graph returns only the centre output_size pixels
     export_onnx(model, card, output, check=check)

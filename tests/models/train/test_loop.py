@@ -80,3 +80,19 @@ def test_train_reads_a_config_file(tmp_path: Path) -> None:
     path = tmp_path / "smoke.yaml"
     path.write_text(text)
     assert train(path, device="cpu", progress=False) == tmp_path / "smoke" / "last.pt"
+
+
+def test_init_from_starts_from_another_runs_weights(tmp_path: Path) -> None:
+    first = run_training(_config(tmp_path / "a", steps=1), device="cpu", progress=False)
+    tuned = _config(tmp_path / "b", steps=1, init_from=first, name="tuned")
+    import models.train.loop as loop
+
+    model = loop.build_model(tuned.model)
+    model.load_state_dict(torch.load(first, weights_only=True)["model"])
+    # with zero learning rate the fine-tuned weights are exactly the initial ones
+    zero_lr = tuned.optim.model_copy(update={"lr": 1e-12, "weight_decay": 0.0})
+    out = run_training(tuned.model_copy(update={"optim": zero_lr}), device="cpu", progress=False)
+    state = torch.load(out, weights_only=True)["model"]
+    for key, value in model.state_dict().items():
+        if key.endswith("weight") and "bn" not in key:
+            torch.testing.assert_close(state[key], value, atol=1e-6, rtol=0)
