@@ -10,12 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 __all__ = ["main"]
+
+# Spinning OpenMP threads starve everything else on small shared machines (training ran ~10x
+# slower); this only takes effect if set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 EXIT_USAGE = 2
 """Exit status for bad input (unreadable slide, bad option, missing model...)."""

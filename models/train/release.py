@@ -11,7 +11,7 @@ import torch
 
 from models.card import ClassInfo, ModelCard
 from models.conic.unet import ConicNet
-from models.train.config import TrainConfig
+from models.train.config import TrainConfig, load_config
 from models.train.loop import build_model
 
 __all__ = ["card_for", "export_trained", "load_checkpoint"]
@@ -67,6 +67,7 @@ def export_trained(
     *,
     metrics: Mapping[str, Any] | None = None,
     postprocess: Mapping[str, Any] | None = None,
+    card_from: str | Path | None = None,
     check: bool = True,
 ) -> ModelCard:
     """Export a training checkpoint to an ONNX file following the HoVerServe model contract.
@@ -82,6 +83,9 @@ def export_trained(
     postprocess : mapping, optional
         Post-processing options for the card (e.g. ``np_threshold``, ``marker_threshold``
         chosen on the hold-out); default: the training config's ``card.postprocess``.
+    card_from : str or Path, optional
+        A training config file whose ``card`` section replaces the checkpoint's (to correct or
+        complete the card's texts after training).
     check : bool
         Run the written file once in ONNX Runtime.
 
@@ -93,6 +97,8 @@ def export_trained(
     from models.export import export_onnx
 
     model, config, stored = load_checkpoint(checkpoint)
+    if card_from is not None:
+        config = config.model_copy(update={"card": load_config(card_from).card})
     if postprocess is not None:
         config = config.model_copy(
             update={"card": config.card.model_copy(update={"postprocess": dict(postprocess)})}

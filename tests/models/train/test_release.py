@@ -23,13 +23,19 @@ def test_export_trained_writes_contract_onnx_with_card(tmp_path: Path) -> None:
         }
     )
     checkpoint = run_training(config, device="cpu", progress=False)
+    text = (REPO_ROOT / "configs" / "smoke.yaml").read_text().replace("hoverserve-smoke", "renamed")
+    (tmp_path / "card.yaml").write_text(text)
     card = export_trained(
-        checkpoint, tmp_path / "model.onnx", metrics={"note": "smoke"}, postprocess={"np_threshold": 0.45}
+        checkpoint,
+        tmp_path / "model.onnx",
+        metrics={"note": "smoke"},
+        postprocess={"np_threshold": 0.45},
+        card_from=tmp_path / "card.yaml",
     )
     stored = read_card(tmp_path / "model.onnx")
     assert stored == card
     assert card.mpp == 0.5 and card.margin == 8 and card.metrics == {"note": "smoke"}
-    assert card.postprocess == {"np_threshold": 0.45}
+    assert card.postprocess == {"np_threshold": 0.45} and card.name == "renamed"
     assert (
         card.architecture == "conic-tiny" and len(card.classes) == 5 and card.classes[0].name == "background"
     )
