@@ -7,7 +7,6 @@ flight between them so memory stays bounded by the region size, never the slide 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import multiprocessing
@@ -416,14 +415,6 @@ def _iterate_regions(
             block.release()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class PreparedSlide:
     """A planned slide: the plan plus what the final writers need (thumbnail, tissue, identity)."""
@@ -437,7 +428,10 @@ class PreparedSlide:
 
 def prepare_slide(slide_path: str | Path, card: ModelCard, options: InferenceOptions) -> PreparedSlide:
     """Open a slide, find its tissue and plan its regions (raises SlideError for bad slides)."""
+    import fsspec
+
     from worker.slide import open_slide
+    from worker.writers import file_sha256
 
     slide_path = Path(slide_path)
     with open_slide(slide_path, mpp=options.mpp) as slide:
@@ -447,7 +441,8 @@ def prepare_slide(slide_path: str | Path, card: ModelCard, options: InferenceOpt
             "name": slide_path.name, "format": slide.format, "shape": list(slide.shape),
             "width": slide.shape[1], "height": slide.shape[0], "mpp": slide.mpp,
             "levels": len(slide.level_shapes), "properties": dict(slide.properties),
-            "sha256": _sha256(slide_path) if slide_path.is_file() else None,
+            "sha256": (file_sha256(fsspec.filesystem("file"), str(slide_path))
+                       if slide_path.is_file() else None),
         }
     logger.info("slide %s: %d regions on the %dx%d model grid (%.4f µm/px, level %d)",
                 slide_path.name, len(plan.regions), plan.grid.shape[1], plan.grid.shape[0],
