@@ -108,7 +108,9 @@ class TrainConfig(_Strict):
     """Held-out evaluation (PQ etc.) every N steps; 0 = only at the end (when there is a hold-out)."""
     output_dir: Path = Path("runs")
     init_from: Path | None = None
-    """Start from the weights of this checkpoint (fine-tuning); optimiser and step start afresh."""
+    """Start from these weights (fine-tuning): a training checkpoint, or an exported ONNX model such as
+    a shipped one (BatchNorm folded by the export is rebuilt and recalibrated); optimiser and step
+    start afresh."""
     channels_last: bool = False
     """Train in channels-last memory format: 2-3x faster convolution backward on CPU (oneDNN).
     Off by default: oneDNN 3.x in torch 2.13 corrupts memory in the backward pass of strided 1x1

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 from tqdm import tqdm  # type: ignore[import-untyped]
 
+from models.card import read_card
 from models.conic.builder import BUILDERS
 from models.conic.unet import ConicNet
 from models.train.augment import AugmentOptions
 from models.train.config import REPO_ROOT, ModelConfig, TrainConfig, load_config
 from models.train.data import Item, PatchSampler, load_items, split_items
+from models.train.from_onnx import calibrate_batchnorm, load_onnx_weights
 from models.train.losses import HoverLoss
 from models.train.validate import evaluate_items, summarise
 
@@ -160,8 +162,7 @@ def run_training(
     start, metrics, best = 0, {}, -math.inf
     if config.init_from is not None and not (resume and checkpoint.exists()):
         source = config.init_from if config.init_from.is_absolute() else REPO_ROOT / config.init_from
-        model.load_state_dict(torch.load(source, map_location=dev, weights_only=True)["model"])
-        logger.info("initialised from %s", source)
+        _initialise(model, source, config, sampler, dev)
     if resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location=dev, weights_only=True)
         model.load_state_dict(state["model"])
@@ -227,6 +228,34 @@ def run_training(
             save(done)
     bar.close()
     return checkpoint
+
+
+_CALIBRATION_BATCHES = 12
+_CALIBRATION_STEP = 10**9  # sampler steps far beyond any run's, so calibration never reuses a batch
+
+
+def _initialise(
+    model: ConicNet, source: Path, config: TrainConfig, sampler: PatchSampler, device: torch.device
+) -> None:
+    """Start from another run's checkpoint, or from an exported ONNX model (a shipped one)."""
+    if source.suffix.lower() != ".onnx":
+        model.load_state_dict(torch.load(source, map_location=device, weights_only=True)["model"])
+        logger.info("initialised from %s", source)
+        return
+    card = read_card(source)
+    if card.architecture != config.model.architecture or len(card.classes) not in (0, config.model.n_classes):
+        raise ValueError(
+            f"{source} is a {card.architecture} model with {len(card.classes)} classes; the config "
+            f"trains {config.model.architecture} with {config.model.n_classes}"
+        )
+    model.cpu()
+    load_onnx_weights(model, source, input_size=card.input_size, typed=bool(card.classes))
+    batches = (
+        sampler.batch(_CALIBRATION_STEP + k, config.batch_size)["image"] for k in range(_CALIBRATION_BATCHES)
+    )
+    calibrate_batchnorm(model, batches)
+    model.to(device)
+    logger.info("initialised from %s (BatchNorm recalibrated on %d batches)", source, _CALIBRATION_BATCHES)
 
 
 def _selection_score(metrics: Mapping[str, float]) -> float:

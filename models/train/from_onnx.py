@@ -1,0 +1,203 @@
+"""Recover trainable weights from an exported ONNX model, so a shipped model can be fine-tuned.
+
+Users get the ONNX file, not our training checkpoints. The exporter folds every BatchNorm into
+the convolution before it and names only the weights that are not convolutions (squeeze-and-
+excitation and attention layers keep their state-dict names). So the network is rebuilt from its
+config, its convolutions are matched to the ONNX ``Conv`` nodes in execution order (shapes must
+agree one by one), each folded BatchNorm becomes an identity with the folded bias, and the result
+is checked against ONNX Runtime on a random patch before it is used.
+
+An identity BatchNorm would normalise by batch statistics as soon as training starts, which is a
+different function; :func:`calibrate_batchnorm` re-expresses each one in terms of the statistics
+of its input on real batches, so the network computes the same thing in eval mode and nearly the
+same thing in train mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import numpy_helper
+from torch import Tensor, nn
+
+from models.export import OnnxHead
+
+__all__ = ["calibrate_batchnorm", "load_onnx_weights"]
+
+logger = logging.getLogger(__name__)
+
+_TOLERANCE = 1e-3
+"""Largest |difference| between the rebuilt network and ONNX Runtime, on probabilities and HV."""
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if (
+            node.op_type == "Constant"
+            and node.attribute
+            and node.attribute[0].type == onnx.AttributeProto.TENSOR
+        ):
+            arrays[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return arrays
+
+
+def _execution_order(
+    model: nn.Module, input_size: int
+) -> tuple[list[nn.Conv2d], dict[nn.Conv2d, nn.BatchNorm2d]]:
+    """Convolutions in the order they run, and the BatchNorm applied directly to each output."""
+    order: list[nn.Conv2d] = []
+    follows: dict[nn.Conv2d, nn.BatchNorm2d] = {}
+    last: dict[str, object] = {}
+
+    def on_conv(module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        order.append(module)  # type: ignore[arg-type]
+        last["module"], last["output"] = module, output
+
+    def on_norm(module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
+        if inputs[0] is last.get("output"):
+            follows[last["module"]] = module  # type: ignore[index]
+
+    hooks = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(on_conv))
+        elif isinstance(module, nn.BatchNorm2d):
+            hooks.append(module.register_forward_hook(on_norm))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_size, input_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return order, follows
+
+
+@torch.no_grad()
+def load_onnx_weights(model: nn.Module, path: str | Path, *, input_size: int, typed: bool) -> None:
+    """Load the weights of an ONNX file exported by :func:`models.export.export_onnx` into ``model``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A freshly built network of the same architecture and widths as the exported one.
+    path : str or Path
+        The ONNX file.
+    input_size : int
+        Side of the model's input patch (the card's ``input_size``).
+    typed : bool
+        Whether the model has a type head.
+
+    Raises
+    ------
+    ValueError
+        The file's convolutions or named weights do not fit ``model``, or the rebuilt network
+        does not reproduce the file's outputs.
+    """
+    was_training = model.training
+    model.eval()
+    graph = onnx.load(str(path)).graph
+    arrays = _constants(graph)
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    order, follows = _execution_order(model, input_size)
+    if len(order) != len(convs):
+        raise ValueError(f"{path}: {len(convs)} convolutions in the file, {len(order)} in the network")
+
+    state = model.state_dict()
+    named = 0
+    for name, tensor in state.items():
+        array = arrays.get(f"model.{name}")
+        if array is not None and tuple(array.shape) == tuple(tensor.shape):
+            tensor.copy_(torch.from_numpy(array.copy()))
+            named += 1
+
+    for index, (module, node) in enumerate(zip(order, convs, strict=True)):
+        weight = arrays[node.input[1]]
+        bias = arrays[node.input[2]] if len(node.input) > 2 and node.input[2] else None
+        if tuple(weight.shape) != tuple(module.weight.shape):
+            raise ValueError(
+                f"{path}: convolution {index} has weights {weight.shape}, "
+                f"the network {tuple(module.weight.shape)}"
+            )
+        module.weight.copy_(torch.from_numpy(weight.copy()))
+        folded = torch.from_numpy(bias.copy()) if bias is not None else torch.zeros(weight.shape[0])
+        norm = follows.get(module)
+        if norm is not None:
+            norm.weight.fill_(1.0)
+            norm.bias.copy_(folded)
+            norm.running_mean.zero_()
+            norm.running_var.fill_(1.0 - norm.eps)  # so that sqrt(var + eps) == 1
+            if module.bias is not None:
+                module.bias.zero_()
+        elif module.bias is not None:
+            module.bias.copy_(folded)
+    logger.info("loaded %d convolutions and %d named tensors from %s", len(order), named, path)
+    _check_against_runtime(model, path, input_size=input_size, typed=typed)
+    model.train(was_training)
+
+
+def _check_against_runtime(model: nn.Module, path: str | Path, *, input_size: int, typed: bool) -> None:
+    sample = (np.random.default_rng(0).random((1, 3, input_size, input_size)) * 255).astype(np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {session.get_inputs()[0].name: sample})
+    with torch.no_grad():
+        got = OnnxHead(model, typed=typed)(torch.from_numpy(sample))
+    for want, have in zip(expected, got, strict=True):
+        have_np = have.numpy()
+        margin = (have_np.shape[-1] - want.shape[-1]) // 2
+        if margin:
+            have_np = have_np[..., margin : margin + want.shape[-2], margin : margin + want.shape[-1]]
+        diff = float(np.abs(have_np - want).max())
+        if not diff <= _TOLERANCE:
+            raise ValueError(f"{path}: the rebuilt network differs from the file by {diff:.3g}")
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> int:
+    """Re-express every BatchNorm by the statistics of its input, keeping the eval-mode function.
+
+    For input statistics (mean m, variance v) a BatchNorm ``x * w / s + b'`` with s = sqrt(v + eps)
+    computes the same as before when w = s * w_old / s_old and b' = b_old + (m - mean_old) * w_old / s_old;
+    in train mode its batch statistics are then close to (m, v), so training starts where the
+    eval-mode network is.
+
+    Returns
+    -------
+    int
+        Number of BatchNorm layers calibrated.
+    """
+    was_training = model.training
+    model.eval()
+    sums: dict[nn.BatchNorm2d, list[Tensor | int]] = {}
+
+    def on_norm(module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
+        x = inputs[0].detach().double()
+        acc = sums.setdefault(module, [0, 0.0, 0.0])  # type: ignore[arg-type]
+        acc[0] = int(acc[0]) + x.numel() // x.shape[1]
+        acc[1] = acc[1] + x.sum(dim=(0, 2, 3))  # type: ignore[operator]
+        acc[2] = acc[2] + (x * x).sum(dim=(0, 2, 3))  # type: ignore[operator]
+
+    hooks = [m.register_forward_hook(on_norm) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        for batch in batches:
+            model(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for norm, (count, total, squares) in sums.items():
+        mean = total / count  # type: ignore[operator]
+        var = (squares / count - mean * mean).clamp_min(0.0)  # type: ignore[operator]
+        old_scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
+        new_std = torch.sqrt(var + norm.eps)
+        norm.bias.copy_(norm.bias.double() + (mean - norm.running_mean.double()) * old_scale)
+        norm.weight.copy_(new_std * old_scale)
+        norm.running_mean.copy_(mean)
+        norm.running_var.copy_(var)
+    model.train(was_training)
+    return len(sums)
