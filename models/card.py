@@ -60,6 +60,9 @@ class ModelCard(BaseModel):
     licence: str = ""
     metrics: dict[str, Any] = Field(default_factory=dict)
     description: str = ""
+    test_time_augmentation: Literal["none", "flip", "dihedral"] = Field(
+        "none", description="Transforms averaged inside the graph (flip: 4, dihedral: 8 per patch)"
+    )
 
     @model_validator(mode="after")
     def _check_sizes(self) -> ModelCard:

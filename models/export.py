@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from models.card import ModelCard, card_metadata
 from models.errors import ExportError
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAMES", "OnnxHead", "check_onnx", "export_onnx"]
+__all__ = ["INPUT_NAME", "OUTPUT_NAMES", "TTA_TRANSFORMS", "OnnxHead", "check_onnx", "export_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +38,49 @@ class _ContractError(ValueError):
     """The wrapped model's outputs break the model contract (raised while tracing)."""
 
 
+TTA_TRANSFORMS: dict[str, tuple[tuple[bool, bool, bool], ...]] = {
+    "none": ((False, False, False),),
+    "flip": tuple((False, fh, fv) for fh in (False, True) for fv in (False, True)),
+    "dihedral": tuple((t, fh, fv) for t in (False, True) for fh in (False, True) for fv in (False, True)),
+}
+"""Test-time augmentation: (transpose, flip left-right, flip up-down) applied in that order."""
+
+
+def _transform(x: Tensor, transpose: bool, flip_x: bool, flip_y: bool) -> Tensor:
+    if transpose:
+        x = x.transpose(2, 3)
+    if flip_x:
+        x = x.flip(3)
+    if flip_y:
+        x = x.flip(2)
+    return x
+
+
+def _untransform(x: Tensor, transpose: bool, flip_x: bool, flip_y: bool) -> Tensor:
+    if flip_y:
+        x = x.flip(2)
+    if flip_x:
+        x = x.flip(3)
+    if transpose:
+        x = x.transpose(2, 3)
+    return x
+
+
+def _untransform_hv(hv: Tensor, transpose: bool, flip_x: bool, flip_y: bool) -> Tensor:
+    """HV maps back to the input frame: a flip negates its axis' distances, a transpose swaps x and y."""
+    h = -hv[:, 0] if flip_x else hv[:, 0]
+    v = -hv[:, 1] if flip_y else hv[:, 1]
+    vectors = torch.stack([v, h] if transpose else [h, v], dim=1)
+    return _untransform(vectors, transpose, flip_x, flip_y)
+
+
 class OnnxHead(nn.Module):
     """Export-only wrapper: raw head logits → the probabilities of the model contract.
 
     ``np_prob`` is channel 1 of the softmax over the 2 ``np`` logits, ``hv`` is passed through,
-    ``tp_prob`` is the softmax over the ``tp`` logits (only when ``typed``).
+    ``tp_prob`` is the softmax over the ``tp`` logits (only when ``typed``). With test-time
+    augmentation the patch runs through the network once per transform (one batch), and the
+    probabilities and HV maps, mapped back to the input frame, are averaged.
 
     Parameters
     ----------
@@ -51,14 +89,20 @@ class OnnxHead(nn.Module):
         ``typed``, ``"tp"`` logits.
     typed : bool
         Whether to emit ``tp_prob``.
+    tta : str
+        Key of :data:`TTA_TRANSFORMS`: ``"none"``, ``"flip"`` (4 flips) or ``"dihedral"`` (all 8
+        flips and rotations of the square patch).
     """
 
-    def __init__(self, model: nn.Module, *, typed: bool) -> None:
+    def __init__(self, model: nn.Module, *, typed: bool, tta: str = "none") -> None:
         super().__init__()
+        if tta not in TTA_TRANSFORMS:
+            raise ValueError(f"tta must be one of {sorted(TTA_TRANSFORMS)}, got {tta!r}")
         self.model = model
         self.typed = typed
+        self.transforms = TTA_TRANSFORMS[tta]
 
-    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+    def _logits(self, image: Tensor) -> dict[str, Tensor]:
         out = self.model(image)
         if not isinstance(out, dict) or "np" not in out or "hv" not in out:
             raise _ContractError("model.forward must return a dict with 'np' and 'hv' logits")
@@ -67,10 +111,32 @@ class OnnxHead(nn.Module):
                 f"the card is {'typed' if self.typed else 'untyped'} but the model "
                 f"{'returns' if 'tp' in out else 'does not return'} 'tp' logits"
             )
-        np_prob = F.softmax(out["np"], dim=1)[:, 1:2]
-        if not self.typed:
-            return np_prob, out["hv"]
-        return np_prob, out["hv"], F.softmax(out["tp"], dim=1)
+        return out
+
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        if len(self.transforms) == 1:
+            out = self._logits(image)
+            np_prob, hv = F.softmax(out["np"], dim=1)[:, 1:2], out["hv"]
+            tp_prob = F.softmax(out["tp"], dim=1) if self.typed else None
+        else:
+            batch = image.shape[0]
+            out = self._logits(torch.cat([_transform(image, *t) for t in self.transforms]))
+            np_all = F.softmax(out["np"], dim=1)[:, 1:2]
+            tp_all = F.softmax(out["tp"], dim=1) if self.typed else None
+            np_parts, hv_parts, tp_parts = [], [], []
+            for index, t in enumerate(self.transforms):
+                part = slice(index * batch, (index + 1) * batch)
+                np_parts.append(_untransform(np_all[part], *t))
+                hv_parts.append(_untransform_hv(out["hv"][part], *t))
+                if tp_all is not None:
+                    tp_parts.append(_untransform(tp_all[part], *t))
+            count = float(len(self.transforms))
+            np_prob = torch.stack(np_parts).sum(0) / count
+            hv = torch.stack(hv_parts).sum(0) / count
+            tp_prob = torch.stack(tp_parts).sum(0) / count if tp_parts else None
+        if tp_prob is None:
+            return np_prob, hv
+        return np_prob, hv, tp_prob
 
 
 def export_onnx(
@@ -128,7 +194,8 @@ def export_onnx(
     sample = _random_image(1, card.input_size).to(device)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".export-") as tmp:
         traced = Path(tmp) / "traced.onnx"
-        _trace_to_onnx(OnnxHead(model, typed=bool(card.classes)), sample, traced, opset=opset)
+        head = OnnxHead(model, typed=bool(card.classes), tta=card.test_time_augmentation)
+        _trace_to_onnx(head, sample, traced, opset=opset)
         _write_with_card(traced, card, output)
     logger.info("exported %s (%.1f MB)", output, output.stat().st_size / 1e6)
     if check:

@@ -157,8 +157,9 @@ def _cmd_model_import(args: argparse.Namespace) -> int:
 def _cmd_model_export(args: argparse.Namespace) -> int:
     from models.train import export_trained
 
-    card = export_trained(args.checkpoint, args.output)
-    print(f"wrote {args.output}: {card.name} ({card.architecture})")
+    card = export_trained(args.checkpoint, args.output, tta=args.tta)
+    print(f"wrote {args.output}: {card.name} ({card.architecture}, "
+          f"test-time augmentation: {card.test_time_augmentation})")
     return 0
 
 
@@ -256,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = msub.add_parser("export", help="a HoVerServe training checkpoint → ONNX")
     p.add_argument("checkpoint")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--tta", choices=["none", "flip", "dihedral"], default=None,
+                   help="average the prediction over 4 flips or all 8 flips/rotations inside the graph "
+                        "(4x/8x compute; default: the training config's card)")
     p.set_defaults(func=_cmd_model_export)
     p = msub.add_parser("train", help="train a model from a config file")
     p.add_argument("config")

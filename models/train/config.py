@@ -92,6 +92,8 @@ class CardConfig(_Strict):
     licence: str = ""
     description: str = ""
     postprocess: dict[str, Any] = Field(default_factory=dict)
+    test_time_augmentation: Literal["none", "flip", "dihedral"] = "none"
+    """Averaging over flips (4) or flips and rotations (8) built into the exported graph."""
 
 
 class TrainConfig(_Strict):

@@ -80,7 +80,9 @@ def _execution_order(
 
 
 @torch.no_grad()
-def load_onnx_weights(model: nn.Module, path: str | Path, *, input_size: int, typed: bool) -> None:
+def load_onnx_weights(
+    model: nn.Module, path: str | Path, *, input_size: int, typed: bool, tta: str = "none"
+) -> None:
     """Load the weights of an ONNX file exported by :func:`models.export.export_onnx` into ``model``.
 
     Parameters
@@ -93,6 +95,8 @@ def load_onnx_weights(model: nn.Module, path: str | Path, *, input_size: int, ty
         Side of the model's input patch (the card's ``input_size``).
     typed : bool
         Whether the model has a type head.
+    tta : str
+        The card's ``test_time_augmentation`` (the graph runs the network once per transform).
 
     Raises
     ------
@@ -138,16 +142,18 @@ def load_onnx_weights(model: nn.Module, path: str | Path, *, input_size: int, ty
         elif module.bias is not None:
             module.bias.copy_(folded)
     logger.info("loaded %d convolutions and %d named tensors from %s", len(order), named, path)
-    _check_against_runtime(model, path, input_size=input_size, typed=typed)
+    _check_against_runtime(model, path, input_size=input_size, typed=typed, tta=tta)
     model.train(was_training)
 
 
-def _check_against_runtime(model: nn.Module, path: str | Path, *, input_size: int, typed: bool) -> None:
+def _check_against_runtime(
+    model: nn.Module, path: str | Path, *, input_size: int, typed: bool, tta: str
+) -> None:
     sample = (np.random.default_rng(0).random((1, 3, input_size, input_size)) * 255).astype(np.float32)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     expected = session.run(None, {session.get_inputs()[0].name: sample})
     with torch.no_grad():
-        got = OnnxHead(model, typed=typed)(torch.from_numpy(sample))
+        got = OnnxHead(model, typed=typed, tta=tta)(torch.from_numpy(sample))
     for want, have in zip(expected, got, strict=True):
         have_np = have.numpy()
         margin = (have_np.shape[-1] - want.shape[-1]) // 2

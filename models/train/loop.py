@@ -249,7 +249,13 @@ def _initialise(
             f"trains {config.model.architecture} with {config.model.n_classes}"
         )
     model.cpu()
-    load_onnx_weights(model, source, input_size=card.input_size, typed=bool(card.classes))
+    load_onnx_weights(
+        model,
+        source,
+        input_size=card.input_size,
+        typed=bool(card.classes),
+        tta=card.test_time_augmentation,
+    )
     batches = (
         sampler.batch(_CALIBRATION_STEP + k, config.batch_size)["image"] for k in range(_CALIBRATION_BATCHES)
     )

@@ -58,6 +58,7 @@ def card_for(config: TrainConfig, *, metrics: Mapping[str, Any] | None = None) -
         licence=card.licence,
         metrics=dict(metrics or {}),
         description=card.description,
+        test_time_augmentation=card.test_time_augmentation,
     )
 
 
@@ -68,6 +69,7 @@ def export_trained(
     metrics: Mapping[str, Any] | None = None,
     postprocess: Mapping[str, Any] | None = None,
     card_from: str | Path | None = None,
+    tta: str | None = None,
     check: bool = True,
 ) -> ModelCard:
     """Export a training checkpoint to an ONNX file following the HoVerServe model contract.
@@ -86,6 +88,9 @@ def export_trained(
     card_from : str or Path, optional
         A training config file whose ``card`` section replaces the checkpoint's (to correct or
         complete the card's texts after training).
+    tta : str, optional
+        Test-time augmentation built into the graph (``"none"``, ``"flip"``, ``"dihedral"``);
+        default: the training config's ``card.test_time_augmentation``.
     check : bool
         Run the written file once in ONNX Runtime.
 
@@ -104,6 +109,8 @@ def export_trained(
             update={"card": config.card.model_copy(update={"postprocess": dict(postprocess)})}
         )
     card = card_for(config, metrics=stored if metrics is None else metrics)
+    if tta is not None:
+        card = card.model_copy(update={"test_time_augmentation": tta})
     model.margin = card.margin  # the exported graph returns only the centre output_size pixels
     export_onnx(model, card, output, check=check)
     logger.info("exported %s as %s", checkpoint, output)

@@ -239,3 +239,56 @@ def test_missing_output_folder_is_a_value_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
         export_onnx(TinyHover(types=0), card_for((), size_in=16, size_out=12),
                     tmp_path / "nowhere" / "t.onnx")
+
+
+# --------------------------------------------------------------------------- test-time augmentation
+
+
+def _tta_export(tmp_path: Path, tta: str) -> tuple[TinyHover, Path]:
+    torch.manual_seed(5)
+    net = TinyHover(types=3).eval()
+    card = card_for(PANNUKE_LIKE[:3], size_in=16, size_out=12).model_copy(
+        update={"test_time_augmentation": tta}
+    )
+    return net, export_onnx(net, card, tmp_path / f"{tta}.onnx")
+
+
+def test_dihedral_tta_makes_the_model_equivariant(tmp_path: Path) -> None:
+    # Averaging over the 8 symmetries of the square makes the prediction on a flipped or rotated
+    # patch the flipped or rotated prediction, with HV distances mapped like vectors; a network
+    # alone is not (TinyHover's kernels are random).
+    _, path = _tta_export(tmp_path, "dihedral")
+    image = random_image(2, 16, seed=3)
+    base = run_onnx(path, image)
+    flipped = run_onnx(path, image.flip(3))
+    np.testing.assert_allclose(flipped["np_prob"], base["np_prob"][..., ::-1], atol=1e-5)
+    np.testing.assert_allclose(flipped["tp_prob"], base["tp_prob"][..., ::-1], atol=1e-5)
+    np.testing.assert_allclose(flipped["hv"][:, 0], -base["hv"][:, 0, :, ::-1], atol=1e-5)
+    np.testing.assert_allclose(flipped["hv"][:, 1], base["hv"][:, 1, :, ::-1], atol=1e-5)
+    transposed = run_onnx(path, image.transpose(2, 3).contiguous())
+    np.testing.assert_allclose(transposed["np_prob"], base["np_prob"].swapaxes(2, 3), atol=1e-5)
+    np.testing.assert_allclose(transposed["hv"][:, 0], base["hv"][:, 1].swapaxes(1, 2), atol=1e-5)
+    np.testing.assert_allclose(transposed["hv"][:, 1], base["hv"][:, 0].swapaxes(1, 2), atol=1e-5)
+
+
+def test_flip_tta_averages_the_four_flipped_predictions(tmp_path: Path) -> None:
+    net, path = _tta_export(tmp_path, "flip")
+    image = random_image(3, 16, seed=4)
+    got = run_onnx(path, image)
+    want = {"np_prob": 0.0, "hv": 0.0, "tp_prob": 0.0}
+    for flip_x in (False, True):
+        for flip_y in (False, True):
+            axes = [3] * flip_x + [2] * flip_y
+            out = expected_outputs(net, image.flip(axes) if axes else image)
+            back = {k: np.flip(v, axes) if axes else v for k, v in out.items()}
+            signs = np.array([-1 if flip_x else 1, -1 if flip_y else 1])
+            back["hv"] = back["hv"] * signs[None, :, None, None]
+            want = {k: want[k] + back[k] / 4 for k in want}
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, atol=1e-5)
+    assert read_card(path).test_time_augmentation == "flip"
+
+
+def test_unknown_tta_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="tta"):
+        OnnxHead(TinyHover(types=3), typed=True, tta="rotate")

@@ -8,8 +8,9 @@ import pytest
 
 from models.card import read_card
 from models.train.config import REPO_ROOT, load_config
+from models.train.from_onnx import load_onnx_weights
 from models.train.loop import run_training
-from models.train.release import export_trained
+from models.train.release import export_trained, load_checkpoint
 
 
 def test_export_trained_writes_contract_onnx_with_card(tmp_path: Path) -> None:
@@ -39,6 +40,13 @@ def test_export_trained_writes_contract_onnx_with_card(tmp_path: Path) -> None:
     assert (
         card.architecture == "conic-tiny" and len(card.classes) == 5 and card.classes[0].name == "background"
     )
+    assert card.test_time_augmentation == "none"
+
+    # the same weights with test-time augmentation in the graph; fine-tuning can start from it too
+    tta = export_trained(checkpoint, tmp_path / "tta.onnx", tta="dihedral")
+    assert read_card(tmp_path / "tta.onnx").test_time_augmentation == tta.test_time_augmentation == "dihedral"
+    model, _, _ = load_checkpoint(checkpoint)
+    load_onnx_weights(model, tmp_path / "tta.onnx", input_size=64, typed=True, tta="dihedral")
 
 
 def test_export_rejects_a_file_that_is_not_a_checkpoint(tmp_path: Path) -> None:
