@@ -261,6 +261,7 @@ def delete_job(job_id: str, request: Request, services: ServicesDep, owner: Owne
     if not record.finished:
         store.mark_cancelled(job_id)
         record = store.update_record(job_id, lambda rec: transition(rec, JobState.CANCELLED))
+        services.queue.cancel(job_id)
         logger.info("job %s: cancelled by %s", job_id, owner)
         return Response(_status(record, services, request).model_dump_json(),
                         media_type="application/json")

@@ -111,6 +111,10 @@ class EmbeddedQueue:
     def ready(self) -> bool:
         return all(thread.is_alive() for thread in self._threads)
 
+    def cancel(self, job_id: str) -> int:
+        """Nothing to withdraw: the job's thread checks the cancel marker before every task."""
+        return 0
+
     def close(self) -> None:
         for _ in self._threads:
             self._jobs.put(_STOP)

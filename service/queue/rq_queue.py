@@ -19,6 +19,7 @@ from typing import Any
 
 from redis import Redis
 from rq import Callback, Queue, Retry, SimpleWorker, get_current_job
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 
 from service.catalog import Catalog
@@ -115,6 +116,26 @@ class RQQueue:
 
     def ready(self) -> bool:
         return bool(self.redis.ping())
+
+    def cancel(self, job_id: str) -> int:
+        """Withdraw the job's tasks that no worker has started (queued, or waiting on others).
+
+        A task already running sees the store's cancel marker and stops at its next check.
+        Returns the number of RQ jobs withdrawn.
+        """
+        prefix = f"hs-{job_id}-"
+        waiting = [*self.queue.get_job_ids(), *self.queue.deferred_job_registry.get_job_ids()]
+        withdrawn = 0
+        for rq_id in waiting:
+            if not rq_id.startswith(prefix):
+                continue
+            try:
+                Job.fetch(rq_id, connection=self.redis).cancel()
+            except (NoSuchJobError, InvalidJobOperation):
+                continue  # started or gone meanwhile
+            withdrawn += 1
+        logger.info("job %s: %d queued tasks withdrawn", job_id, withdrawn)
+        return withdrawn
 
     def close(self) -> None:
         self.redis.close()
