@@ -196,22 +196,48 @@ def _cmd_model_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from models.evaluate import evaluate_files
+
+    result = evaluate_files(args.pred, args.gt, radius=args.radius, mpp=args.mpp)
+    _print_scores(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _print_scores(result: dict, title: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from models.evaluate import evaluate_files, summary_tables
+    from models.evaluate import summary_tables
 
-    result = evaluate_files(args.pred, args.gt, radius=args.radius, mpp=args.mpp)
     console = Console()
-    for title, header, rows in summary_tables(result):
-        table = Table(title=title)
+    if title:
+        console.print(title)
+    for caption, header, rows in summary_tables(result):
+        table = Table(title=caption)
         for name in header:
             table.add_column(name)
         for row in rows:
             table.add_row(*row)
         console.print(table)
+
+
+def _cmd_model_evaluate(args: argparse.Namespace) -> int:
+    from models.evaluate_model import evaluate_model
+    from models.zoo import default_model
+
+    model = args.model if args.model != "default" else default_model()
+    if model is None:
+        raise UsageError("no bundled model: name an ONNX file")
+    results = {}
+    for data in args.data:
+        result = evaluate_model(model, data, only=args.only or (), mpp=args.mpp, device=args.device,
+                                progress=True)
+        _print_scores(result, title=f"{Path(model).name} on {data}")
+        results[str(data)] = result
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
 
 
@@ -271,6 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_model_info)
     p = msub.add_parser("list", help="list bundled models")
     p.set_defaults(func=_cmd_model_list)
+    p = msub.add_parser("evaluate", help="run a model on annotated images and score it (PQ, AJI, F1...)")
+    p.add_argument("model", help="ONNX model file, or 'default' for the bundled model")
+    p.add_argument("data", nargs="+",
+                   help="data set: .npz (images/inst[/type_map]) or a folder (labels.npz + images/)")
+    p.add_argument("--only", nargs="+", metavar="PREFIX",
+                   help="score only images whose name starts with one of these (held-out images)")
+    p.add_argument("--mpp", type=_positive_float, help="µm/px of the data when its files do not say")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    p.add_argument("--json", help="also write every metric to this JSON file")
+    p.set_defaults(func=_cmd_model_evaluate)
 
     p = sub.add_parser("evaluate", help="compare predicted and ground-truth label maps")
     p.add_argument("pred", help=".npz (inst[, type_map]) or label image")

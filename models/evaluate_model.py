@@ -1,0 +1,239 @@
+"""Score an exported model on annotated images: ``hoverserve model evaluate MODEL DATA...``.
+
+The model runs exactly as in a slide job (ONNX Runtime, the card's resolution, tiles of its output
+size, HoVer-Net post-processing with the card's thresholds); only the context around an image
+differs: a slide has real neighbours, an annotated image is reflected at its border. Predictions
+are scored at the data's own resolution (labels upsampled by nearest neighbour when the model
+works coarser), so numbers compare with published ones on the same data.
+
+Data sets in the layouts of ``../shared/data/nuclei`` are read as they are:
+
+- an ``.npz`` with ``images`` (N, H, W, 3), ``inst`` (N, H, W), optional ``type_map``, ``names``,
+  ``mpp`` and ``class_names`` (CoNSeP patches);
+- an ``.npz`` with a single ``image`` (H, W, 3), ``inst`` and ``mpp`` (CPM-15);
+- a folder with ``labels.npz`` (``inst``, ``names``, ...) and ``images/<name>.<ext>`` (CoNSeP
+  train, MoNuSeg);
+- a folder of such single-image ``.npz`` files.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from models.evaluate import evaluate_dataset, radius_for_mpp
+
+__all__ = ["LabelledImage", "evaluate_model", "predict_instances", "read_labelled"]
+
+logger = logging.getLogger(__name__)
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    """One annotated RGB image at ``mpp`` µm/px; ``types`` is a per-pixel class map or None."""
+
+    name: str
+    image: NDArray[np.uint8]
+    inst: NDArray[np.integer]
+    types: NDArray[np.integer] | None
+    mpp: float
+    class_names: tuple[str, ...] | None = None
+
+
+def _mpp_of(arrays: Any, path: Path, override: float | None) -> float:
+    if override is not None:
+        return override
+    if "mpp" not in arrays:
+        raise ValueError(f"{path} has no 'mpp': give the resolution with --mpp")
+    return float(np.asarray(arrays["mpp"]).reshape(-1)[0])
+
+
+def _read_rgb(path: Path) -> NDArray[np.uint8]:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"cannot read image {path}")
+    return np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), dtype=np.uint8)
+
+
+def _class_names(arrays: Any) -> tuple[str, ...] | None:
+    return tuple(str(n) for n in arrays["class_names"]) if "class_names" in arrays else None
+
+
+def _read_npz(path: Path, mpp: float | None) -> Iterator[LabelledImage]:
+    with np.load(path, allow_pickle=False) as data:
+        if "inst" not in data.files or not ({"images", "image"} & set(data.files)):
+            raise ValueError(f"{path}: expected 'image' or 'images' and 'inst' arrays, has {data.files}")
+        res = _mpp_of(data, path, mpp)
+        classes = _class_names(data)
+        if "image" in data.files:
+            types = data["type_map"] if "type_map" in data.files else None
+            yield LabelledImage(path.stem, data["image"], data["inst"], types, res, classes)
+            return
+        images, inst = data["images"], data["inst"]
+        types_all = data["type_map"] if "type_map" in data.files else None
+        names = [str(n) for n in data["names"]] if "names" in data.files else None
+    for i in range(len(images)):
+        name = names[i] if names else f"{path.stem}_{i}"
+        types = types_all[i] if types_all is not None else None
+        yield LabelledImage(name, images[i], inst[i], types, res, classes)
+
+
+def _read_folder(folder: Path, mpp: float | None) -> Iterator[LabelledImage]:
+    labels = folder / "labels.npz"
+    if not labels.exists():
+        files = sorted(folder.glob("*.npz"))
+        if not files:
+            raise ValueError(f"{folder}: no labels.npz and no .npz images")
+        for path in files:
+            yield from _read_npz(path, mpp)
+        return
+    with np.load(labels, allow_pickle=False) as data:
+        names = [str(n) for n in data["names"]]
+        inst, res, classes = data["inst"], _mpp_of(data, labels, mpp), _class_names(data)
+        types_all = data["type_map"] if "type_map" in data.files else None
+    for i, name in enumerate(names):
+        found = [folder / "images" / f"{name}{s}" for s in _IMAGE_SUFFIXES]
+        image_path = next((p for p in found if p.exists()), None)
+        if image_path is None:
+            raise ValueError(f"{folder}: no image file for {name!r} in images/")
+        types = types_all[i] if types_all is not None else None
+        yield LabelledImage(name, _read_rgb(image_path), inst[i], types, res, classes)
+
+
+def read_labelled(path: str | Path, *, mpp: float | None = None) -> Iterator[LabelledImage]:
+    """The annotated images of a data set file or folder (layouts: see the module docstring)."""
+    path = Path(path)
+    if path.is_dir():
+        yield from _read_folder(path, mpp)
+    elif path.suffix.lower() == ".npz":
+        yield from _read_npz(path, mpp)
+    else:
+        raise ValueError(f"{path}: not a data set (.npz file or folder)")
+
+
+def _resize(image: NDArray, shape: tuple[int, int], interpolation: int) -> NDArray:
+    return cv2.resize(image, (shape[1], shape[0]), interpolation=interpolation)
+
+
+def predict_instances(
+    model: Any, image: NDArray[np.uint8], mpp: float
+) -> tuple[NDArray[np.int32], dict[int, int]]:
+    """Nuclei of one RGB image at ``mpp`` µm/px: a label map at the image's size, and types.
+
+    ``model`` is a :class:`worker.infer.Model`; the image is resampled to the model's resolution
+    (area averaging when shrinking), reflected by the network margin, tiled, run and
+    post-processed there; labels come back by nearest neighbour.
+    """
+    from worker.infer import predict_maps
+    from worker.plan import Box
+    from worker.postprocess import hover_instances
+
+    card = model.card
+    height, width = image.shape[:2]
+    scale = mpp / card.mpp
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    small = (
+        image
+        if size == (height, width)
+        else _resize(image, size, cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    )
+    tile = card.output_size
+    rows, cols = -(-size[0] // tile) * tile, -(-size[1] // tile) * tile
+    maps_box = Box(0, 0, rows, cols)
+    pad = card.margin
+    padded = cv2.copyMakeBorder(
+        np.ascontiguousarray(small),
+        pad,
+        pad + rows - size[0],
+        pad,
+        pad + cols - size[1],
+        cv2.BORDER_REFLECT_101,
+    )
+    maps = predict_maps(model, padded, maps_box.grow(pad), maps_box)
+    crop = np.s_[: size[0], : size[1]]
+    options = {k: card.postprocess[k] for k in ("np_threshold", "marker_threshold") if k in card.postprocess}
+    found = hover_instances(
+        maps.np_prob[crop],
+        maps.hv[:, : size[0], : size[1]],
+        maps.types[crop] if maps.types is not None else None,
+        mpp=card.mpp,
+        **options,
+    )
+    labels = found.labels.astype(np.int32)
+    if labels.shape != (height, width):
+        labels = _resize(labels, (height, width), cv2.INTER_NEAREST)
+    return labels, {int(n.label): int(n.type) for n in found.nuclei}
+
+
+def evaluate_model(
+    model_path: str | Path,
+    data: str | Path,
+    *,
+    only: Sequence[str] = (),
+    mpp: float | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run a model file on every annotated image of ``data`` and score it.
+
+    Parameters
+    ----------
+    model_path : str or Path
+        ONNX model with a HoVerServe card.
+    data : str or Path
+        A data set (see the module docstring).
+    only : sequence of str
+        Keep only images whose name starts with one of these prefixes (e.g. held-out source
+        images ``consep_test_2_``); empty keeps all.
+    mpp : float, optional
+        Resolution of the data, when the files do not say.
+    device : str
+        ``"cpu"``, ``"cuda"`` or ``"auto"``.
+
+    Returns
+    -------
+    dict
+        :func:`models.evaluate.evaluate_dataset`'s result plus ``model`` and ``data``. Classes
+        are scored when the data has a type map and the model's classes match its class names.
+    """
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    from worker.infer import load_model
+
+    model = load_model(model_path, device=device)  # type: ignore[arg-type]
+    card_classes = tuple(c.name.lower() for c in model.card.classes)
+    images = [im for im in read_labelled(data, mpp=mpp) if not only or im.name.startswith(tuple(only))]
+    if not images:
+        raise ValueError(f"{data}: no images{' match ' + ', '.join(only) if only else ''}")
+    if len({im.mpp for im in images}) > 1:
+        raise ValueError(
+            f"{data}: images at several resolutions ({sorted({im.mpp for im in images})} µm/px); "
+            "evaluate each resolution separately (--only)"
+        )
+    typed = all(im.types is not None for im in images) and model.typed
+    data_classes = images[0].class_names
+    if typed and data_classes is not None and tuple(n.lower() for n in data_classes) != card_classes:
+        logger.warning(
+            "data classes %s differ from the model's %s: scoring without classes", data_classes, card_classes
+        )
+        typed = False
+    pairs = []
+    for im in tqdm(images, disable=not progress, desc=Path(data).name):
+        labels, types = predict_instances(model, im.image, im.mpp)
+        pairs.append((labels, types if typed else None, im.inst, im.types if typed else None))
+    result = evaluate_dataset(
+        pairs,
+        radius=radius_for_mpp(images[0].mpp),
+        class_names=[c.name for c in model.card.classes] if typed else None,
+        image_names=[im.name for im in images],
+    )
+    return {"model": str(model_path), "data": str(data), **result}
