@@ -35,6 +35,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = Store(settings.store, cache_dir=settings.cache_dir,
                       storage_options=settings.store_options)
+        if indexed := store.build_owner_index():
+            logger.info("indexed %d job records written before the owner index existed", indexed)
         context = TaskContext(store=store, catalog=Catalog(settings.models_dir), settings=settings,
                               worker_name="api")
         set_context(context)

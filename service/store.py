@@ -9,6 +9,8 @@ Layout under the store's root (a local directory or ``s3://bucket/prefix``)::
     jobs/<id>/regions/<index>.npz    one region's nuclei (written atomically: retries are idempotent)
     jobs/<id>/done/<index>.<nuclei>  progress markers (one cheap listing gives regions and nuclei)
     jobs/<id>/results/...            the outputs served by the API
+    owners/<owner digest>/<created ms>-<id>   empty: one owner's jobs, listed without reading records
+    owners/complete                  marker: every record has its entry (written by build_owner_index)
 
 Names inside the store come only from hashes, job ids (checked hex) and integers, never from
 client-supplied file names.
@@ -17,6 +19,7 @@ client-supplied file names.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -192,6 +195,36 @@ class Store:
             raise JobNotFound(f"no job {job_id!r}")
         return "/".join(["jobs", job_id, *parts])
 
+    @staticmethod
+    def _owner_key(owner: str, *parts: str) -> str:
+        return "/".join(["owners", hashlib.sha256(owner.encode()).hexdigest()[:32], *parts])
+
+    def _owner_entry(self, record: JobRecord) -> str:
+        # Zero-padded creation time first: sorting the names sorts the jobs by age.
+        return self._owner_key(record.owner, f"{round(record.created_at * 1000):013d}-{record.id}")
+
+    def create_record(self, record: JobRecord) -> None:
+        """Store a new job's record and its entry in the owner's index."""
+        self.write_record(record)
+        self.write_bytes(self._owner_entry(record), b"")
+
+    def owner_jobs(self, owner: str) -> list[str]:
+        """Ids of ``owner``'s jobs, newest first: one listing, no record read."""
+        names = sorted(self.names(self._owner_key(owner)), reverse=True)
+        return [job_id for _, _, job_id in (n.partition("-") for n in names) if is_job_id(job_id)]
+
+    def build_owner_index(self) -> int:
+        """Give every stored record its owner-index entry, once per store (stores written before the
+        index existed); returns how many records were indexed, 0 when the index was complete."""
+        if self.exists("owners/complete"):
+            return 0
+        count = 0
+        for record in self.records():
+            self.write_bytes(self._owner_entry(record), b"")
+            count += 1
+        self.write_bytes("owners/complete", b"")
+        return count
+
     def write_record(self, record: JobRecord) -> None:
         self.write_bytes(self._job_key(record.id, "job.json"), record.model_dump_json().encode())
 
@@ -267,4 +300,7 @@ class Store:
             self.delete(self._job_key(job_id, part))
 
     def delete_job(self, job_id: str) -> None:
+        """Remove a job entirely: its owner-index entry, record and data."""
+        with contextlib.suppress(JobNotFound):
+            self.delete(self._owner_entry(self.read_record(job_id)))
         self.delete(self._job_key(job_id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ from service.errors import (
 )
 from service.jobs import JobOptions, JobRecord, JobState, SlideRef, new_job_id, transition
 from service.schemas import ErrorBody, ErrorDetail, JobList, JobProgress, JobStatus, SlideInfo
+from service.store import Store
 from service.uploads import Upload, receive_upload
 from worker.errors import SlideError
 
@@ -186,7 +188,7 @@ async def create_job(request: Request, response: Response, services: ServicesDep
     finally:
         upload.discard()
     record = JobRecord(id=new_job_id(), owner=owner, slide=slide, options=options, model=model)
-    await run_in_threadpool(services.store.write_record, record)
+    await run_in_threadpool(services.store.create_record, record)
     await run_in_threadpool(services.queue.submit, record.id)
     services.metrics.jobs_submitted.inc()
     logger.info("job %s: queued (slide %s %s, model %s, owner %s)", record.id, slide.name,
@@ -203,12 +205,26 @@ def list_jobs(
     state: JobState | None = None,
 ) -> JobList:
     """Your jobs, newest first, ``limit`` at a time from ``offset``."""
-    records = [r for r in services.store.records()
-               if r.owner == owner and (state is None or r.state is state)]
-    records.sort(key=lambda r: r.created_at, reverse=True)
-    page = records[offset : offset + limit]
-    return JobList(items=[_status(r, services, request) for r in page], total=len(records),
+    store = services.store
+    ids = store.owner_jobs(owner)
+    if state is None:
+        # The owner index gives order and total: only the page's records are read.
+        page = _read_records(store, ids[offset : offset + limit])
+        total = len(ids)
+    else:
+        matching = [r for r in _read_records(store, ids) if r.state is state]
+        page, total = matching[offset : offset + limit], len(matching)
+    return JobList(items=[_status(r, services, request) for r in page], total=total,
                    offset=offset, limit=limit)
+
+
+def _read_records(store: Store, ids: list[str]) -> list[JobRecord]:
+    """The records of ``ids`` in order, skipping any deleted since the index was listed."""
+    records = []
+    for job_id in ids:
+        with contextlib.suppress(JobNotFound):
+            records.append(store.read_record(job_id))
+    return records
 
 
 @router.get("/{job_id}", response_model=JobStatus, responses=_ERRORS, summary="A job's state")

@@ -81,13 +81,6 @@ def test_the_manifest_records_the_job_and_its_regions(client: httpx.Client, fini
     assert manifest["slide"]["sha256"] == finished_job["slide"]["sha256"]
 
 
-def test_jobs_are_listed_newest_first_in_pages(client: httpx.Client, finished_job: dict) -> None:
-    listing = client.get("/v1/jobs", params={"limit": 1}).json()
-    assert listing["total"] >= 1 and listing["limit"] == 1 and len(listing["items"]) == 1
-    ids = [item["id"] for item in client.get("/v1/jobs").json()["items"]]
-    assert finished_job["id"] in ids
-
-
 def test_models_openapi_health_and_metrics(client: httpx.Client, finished_job: dict) -> None:
     models = client.get("/v1/models").json()["models"]
     oracle = next(m for m in models if m["name"] == "oracle")
@@ -124,6 +117,22 @@ def test_a_running_job_can_be_cancelled_and_a_finished_one_deleted(client: httpx
     assert client.delete(f"/v1/jobs/{small['id']}").status_code == 204
     gone = client.get(f"/v1/jobs/{small['id']}")
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "job_not_found"
+
+
+def test_jobs_are_listed_newest_first_in_pages(client: httpx.Client, finished_job: dict) -> None:
+    # Runs after the jobs above: one finished, one identical upload, one cancelled, one deleted.
+    listing = client.get("/v1/jobs").json()
+    items = listing["items"]
+    assert listing["total"] == len(items) >= 3
+    created = [item["created_at"] for item in items]
+    assert created == sorted(created, reverse=True)
+    assert finished_job["id"] in [item["id"] for item in items]
+    page = client.get("/v1/jobs", params={"offset": 1, "limit": 1}).json()
+    assert [item["id"] for item in page["items"]] == [items[1]["id"]]
+    assert page["total"] == listing["total"]
+    cancelled = client.get("/v1/jobs", params={"state": "cancelled"}).json()
+    assert cancelled["total"] >= 1 and {item["state"] for item in cancelled["items"]} == {"cancelled"}
+    assert cancelled["total"] == sum(item["state"] == "cancelled" for item in items)
 
 
 def test_submit_command_follows_the_job_and_downloads_results(

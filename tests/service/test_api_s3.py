@@ -119,3 +119,5 @@ def test_slides_and_results_live_in_the_bucket(client: httpx.Client, s3, tmp_pat
     assert qupath_check(path).stdout.startswith("OK")
     manifest = client.get(job["results"]["manifest.json"]).json()
     assert set(manifest["parameters"]["region_workers"].values()) == {"s3-worker"}
+    listing = client.get("/v1/jobs").json()  # the owner index lives in the bucket too
+    assert [item["id"] for item in listing["items"]] == [job["id"]] and listing["total"] == 1

@@ -78,6 +78,28 @@ def test_unknown_and_malformed_job_ids_are_not_found(store: Store) -> None:
         store.read_record("../../etc")
 
 
+def test_owner_index_lists_an_owners_jobs_newest_first(store: Store) -> None:
+    jobs = [JobRecord(id=new_job_id(), owner=owner, model="oracle", options=JobOptions(),
+                      created_at=1_700_000_000 + age, slide=SlideRef(sha256="a" * 64, ext="svs",
+                                                                     name="s.svs", bytes=3))
+            for age, owner in enumerate(["alice", "bob", "alice", "alice"])]
+    for record in jobs:
+        store.create_record(record)
+    assert store.owner_jobs("alice") == [jobs[3].id, jobs[2].id, jobs[0].id]
+    assert store.owner_jobs("bob") == [jobs[1].id]
+    assert store.owner_jobs("carol") == []
+    store.delete_job(jobs[2].id)
+    assert store.owner_jobs("alice") == [jobs[3].id, jobs[0].id]
+
+
+def test_owner_index_is_built_once_for_records_written_before_it(store: Store) -> None:
+    old = [_record(store) for _ in range(3)]  # records only, as stores before the index held
+    assert store.owner_jobs("anonymous") == []
+    assert store.build_owner_index() == 3
+    assert sorted(store.owner_jobs("anonymous")) == sorted(r.id for r in old)
+    assert store.build_owner_index() == 0  # marked complete: later start-ups list nothing
+
+
 def test_terminal_states_are_final_and_cancel_wins(store: Store) -> None:
     record = _record(store)
     assert transition(record, JobState.RUNNING) and record.started_at is not None
