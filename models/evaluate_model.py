@@ -19,7 +19,7 @@ Data sets in the layouts of ``../shared/data/nuclei`` are read as they are:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,23 @@ from numpy.typing import NDArray
 
 from models.evaluate import evaluate_dataset, radius_for_mpp
 
-__all__ = ["LabelledImage", "evaluate_model", "predict_instances", "read_labelled"]
+__all__ = [
+    "POSTPROCESS_KEYS",
+    "ImageMaps",
+    "LabelledImage",
+    "card_thresholds",
+    "evaluate_model",
+    "instances_from_maps",
+    "predict_image_maps",
+    "predict_instances",
+    "read_labelled",
+    "sweep_postprocess",
+]
 
 logger = logging.getLogger(__name__)
+
+POSTPROCESS_KEYS = ("np_threshold", "marker_threshold")
+"""Card post-processing options that evaluation can override."""
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -124,18 +138,25 @@ def _resize(image: NDArray, shape: tuple[int, int], interpolation: int) -> NDArr
     return cv2.resize(image, (shape[1], shape[0]), interpolation=interpolation)
 
 
-def predict_instances(
-    model: Any, image: NDArray[np.uint8], mpp: float
-) -> tuple[NDArray[np.int32], dict[int, int]]:
-    """Nuclei of one RGB image at ``mpp`` µm/px: a label map at the image's size, and types.
+@dataclass(frozen=True)
+class ImageMaps:
+    """A model's maps for one image, at the model's resolution, cut to the image's extent."""
 
-    ``model`` is a :class:`worker.infer.Model`; the image is resampled to the model's resolution
-    (area averaging when shrinking), reflected by the network margin, tiled, run and
-    post-processed there; labels come back by nearest neighbour.
+    np_prob: NDArray[np.float32]
+    hv: NDArray[np.float32]
+    types: NDArray | None
+    shape: tuple[int, int]
+    """The image's own (height, width), where labels are scored."""
+
+
+def predict_image_maps(model: Any, image: NDArray[np.uint8], mpp: float) -> ImageMaps:
+    """Run ``model`` (a :class:`worker.infer.Model`) on one RGB image at ``mpp`` µm/px.
+
+    The image is resampled to the model's resolution (area averaging when shrinking), reflected
+    by the network margin, tiled and run exactly as slide regions are.
     """
     from worker.infer import predict_maps
     from worker.plan import Box
-    from worker.postprocess import hover_instances
 
     card = model.card
     height, width = image.shape[:2]
@@ -160,18 +181,40 @@ def predict_instances(
     )
     maps = predict_maps(model, padded, maps_box.grow(pad), maps_box)
     crop = np.s_[: size[0], : size[1]]
-    options = {k: card.postprocess[k] for k in ("np_threshold", "marker_threshold") if k in card.postprocess}
-    found = hover_instances(
-        maps.np_prob[crop],
-        maps.hv[:, : size[0], : size[1]],
-        maps.types[crop] if maps.types is not None else None,
-        mpp=card.mpp,
-        **options,
+    return ImageMaps(
+        np_prob=maps.np_prob[crop],
+        hv=maps.hv[:, : size[0], : size[1]],
+        types=maps.types[crop] if maps.types is not None else None,
+        shape=(height, width),
     )
+
+
+def instances_from_maps(
+    maps: ImageMaps, mpp: float, postprocess: Mapping[str, float]
+) -> tuple[NDArray[np.int32], dict[int, int]]:
+    """HoVer-Net post-processing of ``maps`` (made at ``mpp``): a label map at the image's size
+    (nearest neighbour when the model works coarser) and each label's type."""
+    from worker.postprocess import hover_instances
+
+    found = hover_instances(maps.np_prob, maps.hv, maps.types, mpp=mpp, **postprocess)
     labels = found.labels.astype(np.int32)
-    if labels.shape != (height, width):
-        labels = _resize(labels, (height, width), cv2.INTER_NEAREST)
+    if labels.shape != maps.shape:
+        labels = _resize(labels, maps.shape, cv2.INTER_NEAREST)
     return labels, {int(n.label): int(n.type) for n in found.nuclei}
+
+
+def card_thresholds(card: Any) -> dict[str, float]:
+    """The post-processing thresholds a model's card asks for."""
+    return {k: card.postprocess[k] for k in POSTPROCESS_KEYS if k in card.postprocess}
+
+
+def predict_instances(
+    model: Any, image: NDArray[np.uint8], mpp: float
+) -> tuple[NDArray[np.int32], dict[int, int]]:
+    """Nuclei of one RGB image at ``mpp`` µm/px, with the card's post-processing: a label map at
+    the image's size, and types."""
+    maps = predict_image_maps(model, image, mpp)
+    return instances_from_maps(maps, model.card.mpp, card_thresholds(model.card))
 
 
 def evaluate_model(
@@ -202,13 +245,40 @@ def evaluate_model(
     Returns
     -------
     dict
-        :func:`models.evaluate.evaluate_dataset`'s result plus ``model`` and ``data``. Classes
-        are scored when the data has a type map and the model's classes match its class names.
+        :func:`models.evaluate.evaluate_dataset`'s result plus ``model``, ``data`` and the
+        ``postprocess`` thresholds used (the card's). Classes are scored when the data has a
+        type map and the model's classes match its class names.
+    """
+    return sweep_postprocess(model_path, data, [{}], only=only, mpp=mpp, device=device,
+                             progress=progress)[0]
+
+
+def sweep_postprocess(
+    model_path: str | Path,
+    data: str | Path,
+    settings: Sequence[Mapping[str, float]],
+    *,
+    only: Sequence[str] = (),
+    mpp: float | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Score a model under several post-processing settings, running the network once per image.
+
+    Each setting overrides the card's thresholds (``np_threshold``, ``marker_threshold``); ``{}``
+    keeps the card's. Returns one :func:`evaluate_model`-style result per setting, in order: the
+    way to choose a model's thresholds on held-out images of one's own.
     """
     from tqdm import tqdm  # type: ignore[import-untyped]
 
     from worker.infer import load_model
 
+    for setting in settings:
+        unknown = set(setting) - set(POSTPROCESS_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown post-processing option(s) {sorted(unknown)}; known: {POSTPROCESS_KEYS}"
+            )
     model = load_model(model_path, device=device)  # type: ignore[arg-type]
     card_classes = tuple(c.name.lower() for c in model.card.classes)
     images = [im for im in read_labelled(data, mpp=mpp) if not only or im.name.startswith(tuple(only))]
@@ -226,14 +296,24 @@ def evaluate_model(
             "data classes %s differ from the model's %s: scoring without classes", data_classes, card_classes
         )
         typed = False
-    pairs = []
+    options = [{**card_thresholds(model.card), **setting} for setting in settings]
+    pairs: list[list[tuple]] = [[] for _ in options]
     for im in tqdm(images, disable=not progress, desc=Path(data).name):
-        labels, types = predict_instances(model, im.image, im.mpp)
-        pairs.append((labels, types if typed else None, im.inst, im.types if typed else None))
-    result = evaluate_dataset(
-        pairs,
-        radius=radius_for_mpp(images[0].mpp),
-        class_names=[c.name for c in model.card.classes] if typed else None,
-        image_names=[im.name for im in images],
-    )
-    return {"model": str(model_path), "data": str(data), **result}
+        maps = predict_image_maps(model, im.image, im.mpp)
+        for found, option in zip(pairs, options, strict=True):
+            labels, types = instances_from_maps(maps, model.card.mpp, option)
+            found.append((labels, types if typed else None, im.inst, im.types if typed else None))
+    return [
+        {
+            "model": str(model_path),
+            "data": str(data),
+            "postprocess": option,
+            **evaluate_dataset(
+                found,
+                radius=radius_for_mpp(images[0].mpp),
+                class_names=[c.name for c in model.card.classes] if typed else None,
+                image_names=[im.name for im in images],
+            ),
+        }
+        for found, option in zip(pairs, options, strict=True)
+    ]

@@ -47,6 +47,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a threshold between 0 and 1, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -224,21 +234,55 @@ def _print_scores(result: dict, title: str | None = None) -> None:
 
 
 def _cmd_model_evaluate(args: argparse.Namespace) -> int:
-    from models.evaluate_model import evaluate_model
+    import itertools
+
+    from models.evaluate_model import sweep_postprocess
     from models.zoo import default_model
 
     model = args.model if args.model != "default" else default_model()
     if model is None:
         raise UsageError("no bundled model: name an ONNX file")
+    # One setting ({}: the card's thresholds) unless a grid of thresholds is asked for.
+    grid = [{}] if not (args.np_threshold or args.marker_threshold) else [
+        {k: v for k, v in (("np_threshold", t_np), ("marker_threshold", t_marker)) if v is not None}
+        for t_np, t_marker in itertools.product(args.np_threshold or [None], args.marker_threshold or [None])
+    ]
     results = {}
     for data in args.data:
-        result = evaluate_model(model, data, only=args.only or (), mpp=args.mpp, device=args.device,
-                                progress=True)
-        _print_scores(result, title=f"{Path(model).name} on {data}")
-        results[str(data)] = result
+        found = sweep_postprocess(model, data, grid, only=args.only or (), mpp=args.mpp,
+                                  device=args.device, progress=True)
+        if len(found) == 1:
+            _print_scores(found[0], title=f"{Path(model).name} on {data}")
+            results[str(data)] = found[0]
+        else:
+            _print_sweep(found, title=f"{Path(model).name} on {data}: post-processing thresholds")
+            results[str(data)] = found
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _print_sweep(results: list[dict], title: str) -> None:
+    """One row per threshold setting: the headline metrics, so settings can be compared."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(value: float | None) -> str:
+        return "–" if value is None else f"{value:.4f}"
+
+    table = Table(title=title)
+    for name in ("np", "marker", "PQ", "AJI", "F_d", "mean F_c", "mPQ+"):
+        table.add_column(name)
+    for result in results:
+        inst, det, classes = result["instance"]["per_image_mean"], result["detection"], result["classes"]
+        f_c = [c["f1"] for c in classes.values() if c["f1"] is not None]
+        table.add_row(
+            str(result["postprocess"].get("np_threshold", "–")),
+            str(result["postprocess"].get("marker_threshold", "–")),
+            fmt(inst["pq"]), fmt(inst["aji"]), fmt(det["f1"]),
+            fmt(sum(f_c) / len(f_c) if f_c else None), fmt(result["mpq_plus"]),
+        )
+    Console().print(table)
 
 
 # --------------------------------------------------------------------------- parser
@@ -305,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score only images whose name starts with one of these (held-out images)")
     p.add_argument("--mpp", type=_positive_float, help="µm/px of the data when its files do not say")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    p.add_argument("--np-threshold", nargs="+", type=_probability, metavar="T",
+                   help="nucleus-probability threshold(s) instead of the card's; several: a sweep")
+    p.add_argument("--marker-threshold", nargs="+", type=_probability, metavar="T",
+                   help="marker threshold(s) instead of the card's; with --np-threshold, every pair")
     p.add_argument("--json", help="also write every metric to this JSON file")
     p.set_defaults(func=_cmd_model_evaluate)
 

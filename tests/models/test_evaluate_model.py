@@ -16,7 +16,8 @@ import cv2
 import numpy as np
 import pytest
 
-from models.evaluate_model import evaluate_model, read_labelled
+import models.evaluate_model as evaluate_module
+from models.evaluate_model import evaluate_model, read_labelled, sweep_postprocess
 from tests._synthetic import CLASSES, build_oracle, draw_ellipses, encode_slide
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,6 +122,46 @@ def test_mixed_resolutions_are_refused(oracle: Path, tmp_path: Path, scenes: lis
         np.savez(tmp_path / f"m{i}.npz", image=scenes[i][0], inst=scenes[i][1], mpp=np.float32(mpp))
     with pytest.raises(ValueError, match="several resolutions"):
         evaluate_model(oracle, tmp_path)
+
+
+def test_a_threshold_sweep_runs_the_network_once_per_image(
+    oracle: Path, stack: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real = evaluate_module.predict_image_maps
+    monkeypatch.setattr(evaluate_module, "predict_image_maps",
+                        lambda *args: calls.append(1) or real(*args))
+    settings = [{}, {"np_threshold": 0.95}, {"marker_threshold": 0.05}]
+    card_default, strict_np, loose_marker = sweep_postprocess(oracle, stack, settings)
+    assert len(calls) == 3  # three images, three settings: one network run per image
+    assert card_default["postprocess"] == evaluate_model(oracle, stack)["postprocess"]
+    assert card_default["detection"] == evaluate_model(oracle, stack)["detection"]
+    assert strict_np["postprocess"]["np_threshold"] == 0.95
+    # The oracle's probabilities fall off at nucleus borders: a strict threshold loses nuclei,
+    # markers at 0.05 cover everything and leave no seeds to split nuclei.
+    assert strict_np["detection"]["f1"] < card_default["detection"]["f1"] == 1.0
+    assert loose_marker["instance"]["per_image_mean"]["pq"] < 0.5
+    with pytest.raises(ValueError, match="unknown post-processing"):
+        sweep_postprocess(oracle, stack, [{"min_size": 3}])
+
+
+def test_cli_sweeps_thresholds_into_one_table(oracle: Path, stack: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "service.cli", "model", "evaluate", str(oracle), str(stack),
+         "--np-threshold", "0.5", "0.95", "--marker-threshold", "0.4", "0.5", "--json", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "marker" in run.stdout and "0.95" in run.stdout and "PQ" in run.stdout
+    rows = json.loads(out.read_text())[str(stack)]
+    assert [(r["postprocess"]["np_threshold"], r["postprocess"]["marker_threshold"]) for r in rows] == [
+        (0.5, 0.4), (0.5, 0.5), (0.95, 0.4), (0.95, 0.5)]
+    bad = subprocess.run(
+        [sys.executable, "-m", "service.cli", "model", "evaluate", str(oracle), str(stack),
+         "--np-threshold", "1.5"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert bad.returncode != 0 and "between 0 and 1" in bad.stderr
 
 
 def test_cli_prints_and_writes_the_scores(oracle: Path, stack: Path, tmp_path: Path) -> None:
