@@ -171,7 +171,7 @@ def predict_image_maps(model: Any, image: NDArray[np.uint8], mpp: float) -> Imag
     rows, cols = -(-size[0] // tile) * tile, -(-size[1] // tile) * tile
     maps_box = Box(0, 0, rows, cols)
     pad = card.margin
-    padded = cv2.copyMakeBorder(
+    padded: NDArray[np.uint8] = cv2.copyMakeBorder(  # type: ignore[assignment]
         np.ascontiguousarray(small),
         pad,
         pad + rows - size[0],
@@ -196,7 +196,8 @@ def instances_from_maps(
     (nearest neighbour when the model works coarser) and each label's type."""
     from worker.postprocess import hover_instances
 
-    found = hover_instances(maps.np_prob, maps.hv, maps.types, mpp=mpp, **postprocess)
+    options: dict[str, Any] = dict(postprocess)
+    found = hover_instances(maps.np_prob, maps.hv, maps.types, mpp=mpp, **options)
     labels = found.labels.astype(np.int32)
     if labels.shape != maps.shape:
         labels = _resize(labels, maps.shape, cv2.INTER_NEAREST)
@@ -269,7 +270,7 @@ def sweep_postprocess(
     keeps the card's. Returns one :func:`evaluate_model`-style result per setting, in order: the
     way to choose a model's thresholds on held-out images of one's own.
     """
-    from tqdm import tqdm  # type: ignore[import-untyped]
+    from tqdm import tqdm
 
     from worker.infer import load_model
 

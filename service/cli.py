@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 __all__ = ["main"]
 
@@ -106,7 +107,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     slide = Path(args.slide)
     if not slide.exists():
         raise UsageError(f"slide not found: {slide}")
-    tissue = "none" if args.no_tissue_mask else (Path(args.tissue_mask) if args.tissue_mask else "auto")
+    tissue: Literal["auto", "none"] | Path = (
+        "none" if args.no_tissue_mask else (Path(args.tissue_mask) if args.tissue_mask else "auto"))
     options = InferenceOptions(
         model=_resolve_model(args.model), mpp=args.mpp, roi=args.roi,
         region_size=args.region_size, batch_size=args.batch_size,
@@ -247,7 +249,7 @@ def _cmd_model_evaluate(args: argparse.Namespace) -> int:
         {k: v for k, v in (("np_threshold", t_np), ("marker_threshold", t_marker)) if v is not None}
         for t_np, t_marker in itertools.product(args.np_threshold or [None], args.marker_threshold or [None])
     ]
-    results = {}
+    results: dict[str, Any] = {}
     for data in args.data:
         found = sweep_postprocess(model, data, grid, only=args.only or (), mpp=args.mpp,
                                   device=args.device, progress=True)

@@ -177,7 +177,7 @@ async def receive_upload(
     if declared and declared.isdigit() and int(declared) > limit + _MAX_FIELD_BYTES + 65536:
         raise UploadTooLarge(f"upload exceeds the limit of {limit / 2**20:.1f} MiB")
     receiver = _Receiver(tmp_dir, limit)
-    parser = MultipartParser(boundary, {  # type: ignore[arg-type]
+    parser = MultipartParser(boundary, {
         "on_part_begin": receiver.on_part_begin, "on_part_data": receiver.on_part_data,
         "on_part_end": receiver.on_part_end, "on_header_field": receiver.on_header_field,
         "on_header_value": receiver.on_header_value, "on_header_end": receiver.on_header_end,

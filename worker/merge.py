@@ -110,7 +110,8 @@ def resolve_seams(
     cand = np.flatnonzero(near)
     if len(cand) < 2:
         return table
-    polys = shapely.make_valid(np.array([_polygon(table.polygon(i)) for i in cand], dtype=object))
+    shapes = [_polygon(table.polygon(i)) for i in cand.tolist()]
+    polys = shapely.make_valid(np.array(shapes, dtype=np.object_))
     tree = shapely.STRtree(polys)
     left, right = tree.query(polys, predicate="intersects")
     pairs = left < right

@@ -179,7 +179,7 @@ def plan_slide(
     else:
         mask = load_tissue_mask(Path(options.tissue), slide.shape)
     halo = math.ceil(options.halo_um / grid.mpp)
-    plan_args = {
+    plan_args: dict[str, Any] = {
         "slide_path": Path(slide.path), "mpp_override": options.mpp, "grid": grid, "area": area,
         "margin": card.margin, "slide_shape": tuple(slide.shape),
         "tissue_mask": None if mask is None else mask.mask,
@@ -283,7 +283,9 @@ class _SharedMaps:
         self.shm.unlink()
 
 
-def _maps_view(buf: memoryview, box: Box, typed: bool) -> RegionMaps:
+def _maps_view(buf: memoryview | None, box: Box, typed: bool) -> RegionMaps:
+    if buf is None:
+        raise ValueError("the shared-memory block is closed")
     h, w = box.height, box.width
     np_prob = np.ndarray((h, w), np.float32, buffer=buf, offset=0)
     hv = np.ndarray((2, h, w), np.float32, buffer=buf, offset=4 * h * w)

@@ -95,15 +95,16 @@ def read_model_box(slide: Slide, grid: ModelGrid, box: Box) -> NDArray[np.uint8]
     src = slide.read(grid.level, row=r0, col=c0, height=r1 - r0, width=c1 - c0)
     if s > 1.05:
         sigma = 0.5 * math.sqrt(s * s - 1.0)
-        src = cv2.GaussianBlur(src, (0, 0), sigmaX=sigma, sigmaY=sigma,
-                               borderType=cv2.BORDER_REPLICATE)
+        src = np.asarray(cv2.GaussianBlur(src, (0, 0), sigmaX=sigma, sigmaY=sigma,
+                                          borderType=cv2.BORDER_REPLICATE), dtype=np.uint8)
     # dst (c, r) -> src (u, v): u = (col0 + c + 0.5)·s − 0.5 − c0, same for rows.
     matrix = np.array(
         [[s, 0.0, (box.col0 + 0.5) * s - 0.5 - c0], [0.0, s, (box.row0 + 0.5) * s - 0.5 - r0]],
         dtype=np.float64,
     )
-    return cv2.warpAffine(
+    warped = cv2.warpAffine(
         src, matrix, (box.width, box.height),
         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
         borderMode=cv2.BORDER_CONSTANT, borderValue=(255, 255, 255),
     )
+    return np.asarray(warped, dtype=np.uint8)  # no copy: typing only

@@ -148,7 +148,7 @@ def load_config(path: str | Path) -> TrainConfig:
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml  # type: ignore[import-untyped]
+        import yaml
 
         raw = yaml.safe_load(text)
     elif path.suffix.lower() == ".json":

@@ -61,7 +61,7 @@ def _execution_order(
         last["module"], last["output"] = module, output
 
     def on_norm(module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
-        if inputs[0] is last.get("output"):
+        if inputs[0] is last.get("output") and isinstance(module, nn.BatchNorm2d):
             follows[last["module"]] = module  # type: ignore[index]
 
     hooks = []
@@ -133,10 +133,11 @@ def load_onnx_weights(
         folded = torch.from_numpy(bias.copy()) if bias is not None else torch.zeros(weight.shape[0])
         norm = follows.get(module)
         if norm is not None:
+            running_mean, running_var = _running_stats(norm)
             norm.weight.fill_(1.0)
             norm.bias.copy_(folded)
-            norm.running_mean.zero_()
-            norm.running_var.fill_(1.0 - norm.eps)  # so that sqrt(var + eps) == 1
+            running_mean.zero_()
+            running_var.fill_(1.0 - norm.eps)  # so that sqrt(var + eps) == 1
             if module.bias is not None:
                 module.bias.zero_()
         elif module.bias is not None:
@@ -180,14 +181,10 @@ def calibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> int:
     """
     was_training = model.training
     model.eval()
-    sums: dict[nn.BatchNorm2d, list[Tensor | int]] = {}
+    moments: dict[nn.Module, _Moments] = {}
 
     def on_norm(module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
-        x = inputs[0].detach().double()
-        acc = sums.setdefault(module, [0, 0.0, 0.0])  # type: ignore[arg-type]
-        acc[0] = int(acc[0]) + x.numel() // x.shape[1]
-        acc[1] = acc[1] + x.sum(dim=(0, 2, 3))  # type: ignore[operator]
-        acc[2] = acc[2] + (x * x).sum(dim=(0, 2, 3))  # type: ignore[operator]
+        moments.setdefault(module, _Moments()).add(inputs[0].detach().double())
 
     hooks = [m.register_forward_hook(on_norm) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     try:
@@ -196,14 +193,43 @@ def calibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> int:
     finally:
         for hook in hooks:
             hook.remove()
-    for norm, (count, total, squares) in sums.items():
-        mean = total / count  # type: ignore[operator]
-        var = (squares / count - mean * mean).clamp_min(0.0)  # type: ignore[operator]
-        old_scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
+    for norm, stats in moments.items():
+        if not isinstance(norm, nn.BatchNorm2d):
+            continue
+        mean, var = stats.mean_var()
+        running_mean, running_var = _running_stats(norm)
+        old_scale = norm.weight.double() / torch.sqrt(running_var.double() + norm.eps)
         new_std = torch.sqrt(var + norm.eps)
-        norm.bias.copy_(norm.bias.double() + (mean - norm.running_mean.double()) * old_scale)
+        norm.bias.copy_(norm.bias.double() + (mean - running_mean.double()) * old_scale)
         norm.weight.copy_(new_std * old_scale)
-        norm.running_mean.copy_(mean)
-        norm.running_var.copy_(var)
+        running_mean.copy_(mean)
+        running_var.copy_(var)
     model.train(was_training)
-    return len(sums)
+    return len(moments)
+
+
+class _Moments:
+    """Running per-channel sums of one BatchNorm's input (N, C, H, W), in float64."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total: Tensor | None = None
+        self.squares: Tensor | None = None
+
+    def add(self, x: Tensor) -> None:
+        total, squares = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
+        self.count += x.numel() // x.shape[1]
+        self.total = total if self.total is None else self.total + total
+        self.squares = squares if self.squares is None else self.squares + squares
+
+    def mean_var(self) -> tuple[Tensor, Tensor]:
+        if self.total is None or self.squares is None:
+            raise ValueError("no input seen")
+        mean = self.total / self.count
+        return mean, (self.squares / self.count - mean * mean).clamp_min(0.0)
+
+
+def _running_stats(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    if norm.running_mean is None or norm.running_var is None:
+        raise ValueError(f"{norm} keeps no running statistics")
+    return norm.running_mean, norm.running_var

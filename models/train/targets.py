@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import ndimage as ndi  # type: ignore[import-untyped]
+from scipy import ndimage as ndi
 
 __all__ = ["hv_targets"]
 

@@ -79,7 +79,7 @@ class WsiDicomSlide(Slide):
     """A DICOM WSI (file or directory) read with wsidicom."""
 
     def __init__(self, path: Path, *, mpp: float | None = None) -> None:
-        import wsidicom  # type: ignore[import-untyped]  # slow to import, rarely needed
+        import wsidicom  # slow to import, rarely needed
 
         try:
             with quiet_dicom():
