@@ -1,4 +1,5 @@
-"""Installed models: the bundled default plus every ``*.onnx`` in the models folder, by file stem."""
+"""Installed models: the bundled ones (default first) plus every ``*.onnx`` in the models folder, by
+file stem."""
 
 from __future__ import annotations
 
@@ -34,12 +35,14 @@ class Catalog:
 
     def paths(self) -> dict[str, Path]:
         """Model name → file, the bundled default first."""
-        from models.zoo import default_model
+        from models.zoo import default_model, list_models
 
         found: dict[str, Path] = {}
         default = default_model()
         if default is not None:
             found[default.stem] = default
+        for path in list_models():  # the other bundled models (earlier versions, TTA variants)
+            found.setdefault(path.stem, path)
         if self.models_dir is not None and self.models_dir.is_dir():
             for path in sorted(self.models_dir.glob("*.onnx")):
                 found.setdefault(path.stem, path)

@@ -87,8 +87,10 @@ def _resolve_model(name: str | None) -> Path:
             )
         return path
     path = Path(name)
-    if not path.exists() and (ZOO_DIR / name).is_file():
-        return ZOO_DIR / name
+    if not path.exists():  # a bundled model by file name or by name (`hoverserve model list`)
+        for bundled in (ZOO_DIR / name, ZOO_DIR / f"{name}.onnx"):
+            if bundled.is_file():
+                return bundled
     if not path.is_file():
         raise UsageError(f"--model {name}: no such file")
     return path
@@ -169,7 +171,16 @@ def _cmd_model_import(args: argparse.Namespace) -> int:
 def _cmd_model_export(args: argparse.Namespace) -> int:
     from models.train import export_trained
 
-    card = export_trained(args.checkpoint, args.output, tta=args.tta)
+    metrics = None
+    if args.metrics:
+        try:
+            metrics = json.loads(Path(args.metrics).read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--metrics {args.metrics}: {exc}") from exc
+        if not isinstance(metrics, dict):
+            raise UsageError(f"--metrics {args.metrics}: expected a JSON object")
+    card = export_trained(args.checkpoint, args.output, tta=args.tta, metrics=metrics,
+                          card_from=args.card_from)
     print(f"wrote {args.output}: {card.name} ({card.architecture}, "
           f"test-time augmentation: {card.test_time_augmentation})")
     return 0
@@ -199,7 +210,8 @@ def _cmd_model_list(args: argparse.Namespace) -> int:
     for path in list_models():
         card = read_card(path)
         mark = " (default)" if default and path == default else ""
-        print(f"{path.name}{mark}: {card.name} {card.version}, {card.architecture}, "
+        tta = "" if card.test_time_augmentation == "none" else f", {card.test_time_augmentation} TTA"
+        print(f"{path.name}{mark}: {card.name} {card.version}, {card.architecture}{tta}, "
               f"{card.mpp} µm/px, classes: {', '.join(c.name for c in card.classes[1:]) or '-'}")
     return 0
 
@@ -332,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=["none", "flip", "dihedral"], default=None,
                    help="average the prediction over 4 flips or all 8 flips/rotations inside the graph "
                         "(4x/8x compute; default: the training config's card)")
+    p.add_argument("--metrics", metavar="JSON",
+                   help="measured metrics to embed in the card (default: the checkpoint's last held-out "
+                        "evaluation)")
+    p.add_argument("--card-from", metavar="CONFIG",
+                   help="a training config whose card section replaces the checkpoint's (names, texts, "
+                        "post-processing thresholds)")
     p.set_defaults(func=_cmd_model_export)
     p = msub.add_parser("train", help="train a model from a config file")
     p.add_argument("config")

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from models.zoo import default_model, list_models
 from service.cli import main
 from tests.service._server import CMU1, ORACLE, Server, qupath_check, service_env, submit, wait_for
 
@@ -85,6 +86,9 @@ def test_models_openapi_health_and_metrics(client: httpx.Client, finished_job: d
     models = client.get("/v1/models").json()["models"]
     oracle = next(m for m in models if m["name"] == "oracle")
     assert oracle["card"]["mpp"] == 0.25 and oracle["card"]["input_size"] == 272
+    # every bundled model is offered by name, the default first and marked
+    assert [m["name"] for m in models if m["default"]] == [models[0]["name"]] == [default_model().stem]
+    assert {p.stem for p in list_models()} <= {m["name"] for m in models}
     spec = client.get("/openapi.json").json()
     for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/results/{name}",
                  "/v1/models", "/healthz", "/readyz", "/metrics"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +145,18 @@ def test_roi_limits_the_work_to_a_box(oracle_model: Path, tmp_path: Path) -> Non
     assert (centroid[:, 1] >= y).all() and (centroid[:, 1] < y + h).all()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parameters"]["roi"] == list(box)
+
+
+def test_bundled_models_are_named_without_a_path(tmp_path: Path) -> None:
+    from models.card import read_card
+    from models.zoo import list_models
+
+    bundled = list_models()[0]
+    out = tmp_path / "out"
+    code = main(["infer", str(SLIDES / "CMU-1-Small-Region.svs"), "--model", bundled.stem,
+                 "--roi", "0,0,300,300", "--out", str(out), "--quiet"])
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    card = read_card(bundled)
+    assert (manifest["model"]["name"], manifest["model"]["version"]) == (card.name, card.version)
+    assert manifest["model"]["test_time_augmentation"] == card.test_time_augmentation

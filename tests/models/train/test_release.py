@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from models.train.config import REPO_ROOT, load_config
 from models.train.from_onnx import load_onnx_weights
 from models.train.loop import run_training
 from models.train.release import export_trained, load_checkpoint
+from service.cli import main
 
 
 def test_export_trained_writes_contract_onnx_with_card(tmp_path: Path) -> None:
@@ -47,6 +49,17 @@ def test_export_trained_writes_contract_onnx_with_card(tmp_path: Path) -> None:
     assert read_card(tmp_path / "tta.onnx").test_time_augmentation == tta.test_time_augmentation == "dihedral"
     model, _, _ = load_checkpoint(checkpoint)
     load_onnx_weights(model, tmp_path / "tta.onnx", input_size=64, typed=True, tta="dihedral")
+
+    # the command line: measured metrics and corrected card texts go into the file
+    (tmp_path / "metrics.json").write_text(json.dumps({"consep": {"pq": 0.5}}))
+    argv = ["model", "export", str(checkpoint), "-o", str(tmp_path / "cli.onnx"), "--tta", "flip",
+            "--metrics", str(tmp_path / "metrics.json"), "--card-from", str(tmp_path / "card.yaml")]
+    assert main(argv) == 0
+    cli = read_card(tmp_path / "cli.onnx")
+    assert cli.metrics == {"consep": {"pq": 0.5}} and cli.name == "renamed"
+    assert cli.test_time_augmentation == "flip"
+    (tmp_path / "metrics.json").write_text("[1, 2]")
+    assert main(argv) != 0
 
 
 def test_export_rejects_a_file_that_is_not_a_checkpoint(tmp_path: Path) -> None:
