@@ -274,6 +274,35 @@ def _end_to_end_section(e2e: dict[str, Any]) -> list[str]:
     return out
 
 
+def _service_load_section(sl: dict[str, Any]) -> list[str]:
+    st, up, server = sl["status"], sl["uploads"], sl.get("status_server") or {}
+    roi = sl["options"].get("roi")
+    out = ["## Service: status latency under load (`bench/service_load.py`)", ""]
+    out.append(
+        f"One API process (embedded queue, local store). {sl['uploads_requested']} concurrent uploads of "
+        f"`{sl['slide']}` (model `{sl['options']['model']}`, "
+        + (f"ROI {roi}" if roi else "whole slide")
+        + f"), then {sl['pollers']} clients polling `GET /v1/jobs/{{id}}` every {sl['interval']:g} s "
+        f"for {sl['seconds']:g} s while the jobs run. Client-side latency includes the client's own "
+        "event loop on the same machine; the server-side figures are the upper bounds of the API's "
+        "latency-histogram buckets. Goal: p99 < 50 ms."
+    )
+    out.append("")
+    states = sorted(sl["states"].values())
+    out.append(markdown_table(
+        ["", "requests", "p50 ms", "p99 ms", "max ms", "errors", "job states at the end"],
+        [["status (client)", f"{st['n']:,}", _f(st.get("p50_ms"), 1), f"**{_f(st.get('p99_ms'), 1)}**",
+          _f(st.get("max_ms"), 1), str(len(sl["errors"])), ", ".join(states)],
+         ["status (in the API)", f"{int(server.get('n', 0)):,}", f"≤ {server.get('p50_ms_le', '–')}",
+          f"≤ {server.get('p99_ms_le', '–')}", "", "", ""],
+         ["uploads", str(up["n"]), _f(up.get("p50_ms"), 0), _f(up.get("p99_ms"), 0),
+          _f(up.get("max_ms"), 0), "", ""]],
+    ))
+    load = sl.get("machine", {}).get("loadavg_1min")
+    out += ["", f"Load average (1 min) when it started: {_f(load, 2)}.", ""]
+    return out
+
+
 def _stage(timings: dict[str, float], name: str) -> float | None:
     if name == "write":  # the writers report their parts as write_<part>
         parts = [v for k, v in timings.items() if k.startswith("write_")]
@@ -281,7 +310,8 @@ def _stage(timings: dict[str, float], name: str) -> float | None:
     return timings.get(name)
 
 
-def render(pp: dict[str, Any] | None, e2e: dict[str, Any] | None, facts: dict[str, Any]) -> str:
+def render(pp: dict[str, Any] | None, e2e: dict[str, Any] | None, facts: dict[str, Any],
+           service_load: dict[str, Any] | None = None) -> str:
     """The whole markdown document."""
     lines = [
         "# Benchmarks",
@@ -307,6 +337,8 @@ def render(pp: dict[str, Any] | None, e2e: dict[str, Any] | None, facts: dict[st
         lines += _end_to_end_section(e2e)
     else:
         lines += ["## End to end", "", "Not run yet: `python bench/end_to_end.py --model M.onnx`.", ""]
+    if service_load is not None:
+        lines += _service_load_section(service_load)
     return "\n".join(lines)
 
 
@@ -316,13 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DOC)
     args = parser.parse_args(argv)
     docs = {}
-    for name in ("postprocess", "end_to_end"):
+    for name in ("postprocess", "end_to_end", "service_load"):
         path = args.results / f"{name}.json"
         docs[name] = json.loads(path.read_text()) if path.is_file() else None
     recorded = (docs["postprocess"] or docs["end_to_end"] or {}).get("machine")
     facts = recorded or machine_facts()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(docs["postprocess"], docs["end_to_end"], facts))
+    args.out.write_text(render(docs["postprocess"], docs["end_to_end"], facts, docs["service_load"]))
     print(f"wrote {args.out}")
     return 0
 

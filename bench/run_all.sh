@@ -30,4 +30,7 @@ if [[ $status -eq 2 ]]; then
 elif [[ $status -ne 0 ]]; then
     echo "end-to-end: some slides failed (see bench/results/end_to_end.json)" >&2
 fi
+# The API under load while the bundled model analyses whole slides in the embedded queue.
+nice -n 5 "$PY" bench/service_load.py --model default --roi none \
+    --json bench/results/service_load.json || echo "service load: errors (see the JSON)" >&2
 "$PY" bench/report.py

@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slide", type=Path, default=CMU1)
     parser.add_argument("--model", default="oracle", help="model name for the jobs")
     parser.add_argument("--roi", default="0,0,600,600", help="x,y,w,h of each job (small: load "
-                        "on the API, not the pipeline, is measured)")
+                        "on the API, not the pipeline, is measured), or 'none' for the whole slide "
+                        "(the jobs keep the machine busy while the pollers run)")
     parser.add_argument("--uploads", type=int, default=5)
     parser.add_argument("--pollers", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -165,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds each poller waits between requests (0 = flat out)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    roi = [int(v) for v in args.roi.split(",")]
-    options = {"model": args.model, "roi": roi}
+    options: dict = {"model": args.model}
+    if args.roi != "none":
+        options["roi"] = [int(v) for v in args.roi.split(",")]
     proc = None
     with tempfile.TemporaryDirectory(prefix="hoverserve-load-") as tmp:
         url = args.server
@@ -195,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     for line in result["errors"][:10]:
         print(f"  {line}")
     if args.json:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from report import machine_facts
+
+        result.update({"machine": machine_facts(), "slide": args.slide.name, "options": options,
+                       "uploads_requested": args.uploads})
         args.json.write_text(json.dumps(result, indent=2))
     return 1 if result["errors"] else 0
 
