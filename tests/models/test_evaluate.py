@@ -18,23 +18,9 @@ from models.evaluate import (
     radius_for_mpp,
     summary_tables,
 )
+from tests.models._cases import CONSEP, shifted_case
 
-CONSEP = (
-    Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "nuclei"
-    / "consep_patches_train.npz"
-)
 CLASSES = ["background", "a", "b"]
-
-
-def shifted_case() -> tuple[np.ndarray, np.ndarray]:
-    """GT 5 (12 px) predicted one column off (IoU 0.6), GT 9 (4 px) missed, FP 7 (2 px)."""
-    gt = np.zeros((6, 6), dtype=np.int32)
-    gt[0:3, 0:4] = 5
-    gt[4:6, 4:6] = 9
-    pred = np.zeros((6, 6), dtype=np.int32)
-    pred[0:3, 1:5] = 2
-    pred[5, 0:2] = 7
-    return pred, gt
 
 
 def test_radius_is_three_micrometres() -> None:

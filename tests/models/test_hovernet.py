@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,33 +9,10 @@ from torch import Tensor
 
 from models.hovernet import BUILDERS, MODES, HoVerNet, build_hovernet, hovernet_original
 from models.hovernet.blocks import DenseBlock, TFSamePad, UpSample2x, centre_crop
-
-DOCS = Path(__file__).resolve().parents[2] / ".." / "shared" / "docs"
+from tests.models._hovernet_weights import manifest, random_state_dict
 
 # the manifests list a typed network: fast with PanNuke's 6 types, original with CoNSeP's 5
 MANIFEST_TYPES = {"fast": 6, "original": 5}
-
-
-def manifest(mode: str) -> dict[str, list[int]]:
-    return json.loads((DOCS / f"hovernet_official_keys_{mode}.json").read_text())
-
-
-def random_state_dict(shapes: dict[str, list[int]], *, seed: int) -> dict[str, Tensor]:
-    """Random weights in a range where activations neither vanish nor explode."""
-    gen = torch.Generator().manual_seed(seed)
-    out: dict[str, Tensor] = {}
-    for key, shape in shapes.items():
-        if key.endswith("num_batches_tracked"):
-            out[key] = torch.tensor(0)
-        elif key.endswith("unpool_mat"):
-            out[key] = torch.ones(shape)
-        elif len(shape) == 4:  # conv kernel: unit-gain for its fan-in
-            out[key] = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
-        elif key.endswith(("running_var", ".weight")):  # BN scale and variance: positive, ~1
-            out[key] = 0.5 + torch.rand(shape, generator=gen)
-        else:  # BN shift and mean, conv bias
-            out[key] = 0.1 * torch.randn(shape, generator=gen)
-    return out
 
 
 # --------------------------------------------------------------------------- state dict

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -24,31 +23,7 @@ from models.importer import (
     load_preset,
     resolve_classes,
 )
-
-DOCS = Path(__file__).resolve().parents[2] / ".." / "shared" / "docs"
-
-
-def manifest(mode: str, *, typed: bool = True) -> dict[str, list[int]]:
-    shapes = json.loads((DOCS / f"hovernet_official_keys_{mode}.json").read_text())
-    return {k: v for k, v in shapes.items() if typed or not k.startswith("decoder.tp.")}
-
-
-def random_state_dict(shapes: dict[str, list[int]], *, seed: int) -> dict[str, Tensor]:
-    """Weights in a range where activations neither vanish nor explode (see test_hovernet)."""
-    gen = torch.Generator().manual_seed(seed)
-    out: dict[str, Tensor] = {}
-    for key, shape in shapes.items():
-        if key.endswith("num_batches_tracked"):
-            out[key] = torch.tensor(0)
-        elif key.endswith("unpool_mat"):
-            out[key] = torch.ones(shape)
-        elif len(shape) == 4:
-            out[key] = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
-        elif key.endswith(("running_var", ".weight")):
-            out[key] = 0.5 + torch.rand(shape, generator=gen)
-        else:
-            out[key] = 0.1 * torch.randn(shape, generator=gen)
-    return out
+from tests.models._hovernet_weights import manifest, random_state_dict
 
 
 def write_checkpoint(path: Path, state: dict[str, Tensor], *, prefix: bool = False,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,11 +25,7 @@ from models.metrics import (
     pair_centroids,
     panoptic_quality,
 )
-
-CONSEP = (
-    Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "nuclei"
-    / "consep_patches_train.npz"
-)
+from tests.models._cases import CONSEP, shifted_case
 
 
 def two_squares() -> np.ndarray:
@@ -39,21 +34,6 @@ def two_squares() -> np.ndarray:
     gt[0:3, 0:3] = 1
     gt[3:6, 3:6] = 2
     return gt
-
-
-def shifted_case() -> tuple[np.ndarray, np.ndarray]:
-    """GT 5 (rows 0-2 × cols 0-3, 12 px) and GT 9 (rows 4-5 × cols 4-5, 4 px).
-
-    Prediction 2 is GT 5 moved one column right (12 px, 9 shared, union 15, IoU 0.6);
-    GT 9 is missed; prediction 7 (row 5 × cols 0-1, 2 px) touches nothing.
-    """
-    gt = np.zeros((6, 6), dtype=np.int32)
-    gt[0:3, 0:4] = 5
-    gt[4:6, 4:6] = 9
-    pred = np.zeros((6, 6), dtype=np.int32)
-    pred[0:3, 1:5] = 2
-    pred[5, 0:2] = 7
-    return pred, gt
 
 
 # --------------------------------------------------------------------------- instance metrics
