@@ -66,6 +66,12 @@ class Process:
                 [sys.executable, "-c", _MAIN, *args], env=env, cwd=ROOT,
                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
 
+    def __enter__(self) -> Process:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     @property
     def pid(self) -> int:
         return self.proc.pid
@@ -106,6 +112,13 @@ class Server(Process):
                 self.stop()
                 raise RuntimeError(f"server did not start: {log.read_text()[-3000:]}")
             time.sleep(0.2)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def client(self, headers: dict[str, str] | None = None) -> httpx.Client:
+        """An HTTP client for this server (close it, or use it in a ``with`` block)."""
+        return httpx.Client(base_url=self.url, headers=headers or {}, timeout=60)
 
 
 def wait_for(client: httpx.Client, job_id: str, *, timeout: float = 240,

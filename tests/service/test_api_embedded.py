@@ -27,14 +27,13 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(home: Path) -> Iterator[Server]:
-    srv = Server(service_env(home), home / "api.log")
-    yield srv
-    srv.stop()
+    with Server(service_env(home), home / "api.log") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=60) as c:
+    with server.client() as c:
         yield c
 
 
@@ -158,17 +157,13 @@ def test_jobs_and_results_survive_an_api_restart(
                                         "tissue_mask": False}).json()
     wait_for(client, interrupted["id"], states=("running",))
     server.kill()  # no shutdown of any kind: the job is mid-flight
-    again = Server(service_env(home), home / "api-2.log")
-    try:
-        with httpx.Client(base_url=again.url, timeout=60) as fresh:
-            job = fresh.get(f"/v1/jobs/{finished_job['id']}").json()
-            assert job["state"] == "succeeded"
-            assert job["progress"] == finished_job["progress"]
-            geojson = fresh.get(f"/v1/jobs/{finished_job['id']}/results/nuclei.geojson.gz")
-            assert geojson.status_code == 200
-            assert len(json.loads(gzip.decompress(geojson.content))["features"]) > 0
-            resumed = wait_for(fresh, interrupted["id"])
-            assert resumed["state"] == "succeeded", resumed
-            assert resumed["progress"]["regions_done"] == resumed["progress"]["regions_total"]
-    finally:
-        again.stop()
+    with Server(service_env(home), home / "api-2.log") as again, again.client() as fresh:
+        job = fresh.get(f"/v1/jobs/{finished_job['id']}").json()
+        assert job["state"] == "succeeded"
+        assert job["progress"] == finished_job["progress"]
+        geojson = fresh.get(f"/v1/jobs/{finished_job['id']}/results/nuclei.geojson.gz")
+        assert geojson.status_code == 200
+        assert len(json.loads(gzip.decompress(geojson.content))["features"]) > 0
+        resumed = wait_for(fresh, interrupted["id"])
+        assert resumed["state"] == "succeeded", resumed
+        assert resumed["progress"]["regions_done"] == resumed["progress"]["regions_total"]

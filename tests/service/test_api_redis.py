@@ -60,10 +60,8 @@ def workers(env: dict[str, str], home: Path) -> Iterator[dict[str, Process]]:
 
 @pytest.fixture(scope="module")
 def client(env: dict[str, str], home: Path, workers: dict[str, Process]) -> Iterator[httpx.Client]:
-    server = Server(env, home / "api.log")
-    with httpx.Client(base_url=server.url, timeout=60) as c:
+    with Server(env, home / "api.log") as server, server.client() as c:
         yield c
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -141,22 +139,18 @@ def test_cancel_withdraws_the_jobs_queued_tasks(home: Path) -> None:
 
     queue_name = f"test-cancel-{uuid.uuid4().hex[:8]}"
     env = service_env(home / "cancel", redis_url=REDIS_URL, queue_name=queue_name)
-    server = Server(env, home / "cancel-api.log")
-    try:
-        with httpx.Client(base_url=server.url, timeout=60) as client:
-            mine, other = (submit(client, CMU1, OPTIONS).json()["id"] for _ in range(2))
-            queue = Queue(queue_name, connection=redis.Redis.from_url(REDIS_URL))
-            regions = [queue.enqueue(region_task, mine, i, job_id=f"hs-{mine}-r{i}") for i in range(2)]
-            queue.enqueue(finalize_task, mine, job_id=f"hs-{mine}-finalize", depends_on=regions)
-            assert set(queue.get_job_ids()) == {f"hs-{mine}-prepare", f"hs-{other}-prepare",
-                                                f"hs-{mine}-r0", f"hs-{mine}-r1"}
-            assert queue.deferred_job_registry.get_job_ids() == [f"hs-{mine}-finalize"]
+    with Server(env, home / "cancel-api.log") as server, server.client() as client:
+        mine, other = (submit(client, CMU1, OPTIONS).json()["id"] for _ in range(2))
+        queue = Queue(queue_name, connection=redis.Redis.from_url(REDIS_URL))
+        regions = [queue.enqueue(region_task, mine, i, job_id=f"hs-{mine}-r{i}") for i in range(2)]
+        queue.enqueue(finalize_task, mine, job_id=f"hs-{mine}-finalize", depends_on=regions)
+        assert set(queue.get_job_ids()) == {f"hs-{mine}-prepare", f"hs-{other}-prepare",
+                                            f"hs-{mine}-r0", f"hs-{mine}-r1"}
+        assert queue.deferred_job_registry.get_job_ids() == [f"hs-{mine}-finalize"]
 
-            assert client.delete(f"/v1/jobs/{mine}").json()["state"] == "cancelled"
+        assert client.delete(f"/v1/jobs/{mine}").json()["state"] == "cancelled"
 
-            assert queue.get_job_ids() == [f"hs-{other}-prepare"]
-            assert queue.deferred_job_registry.get_job_ids() == []
-            assert len(queue.canceled_job_registry.get_job_ids()) == 4
-            assert client.get(f"/v1/jobs/{other}").json()["state"] == "queued"
-    finally:
-        server.stop()
+        assert queue.get_job_ids() == [f"hs-{other}-prepare"]
+        assert queue.deferred_job_registry.get_job_ids() == []
+        assert len(queue.canceled_job_registry.get_job_ids()) == 4
+        assert client.get(f"/v1/jobs/{other}").json()["state"] == "queued"

@@ -91,14 +91,9 @@ def client(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         queue_name=f"test-s3-{uuid.uuid4().hex[:8]}",
         store_options=json.dumps({"endpoint_url": s3_endpoint, "key": "test", "secret": "test"}))
     worker_env = {**env, "HOVERSERVE_CACHE_DIR": str(home / "worker-cache")}
-    worker = Process(["worker", "--name", "s3-worker"], worker_env, home / "worker.log")
-    server = Server(env, home / "api.log")
-    try:
-        with httpx.Client(base_url=server.url, timeout=60) as c:
-            yield c
-    finally:
-        server.stop()
-        worker.stop()
+    with (Process(["worker", "--name", "s3-worker"], worker_env, home / "worker.log"),
+          Server(env, home / "api.log") as server, server.client() as c):
+        yield c
 
 
 def test_slides_and_results_live_in_the_bucket(client: httpx.Client, s3, tmp_path: Path) -> None:

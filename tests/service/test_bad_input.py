@@ -30,14 +30,12 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(home: Path) -> Iterator[Server]:
     env = service_env(home, api_keys=f"{key_digest(ALICE)},sha256:{key_digest(BOB)}",
                       max_upload_mb=str(LIMIT_MB))
-    srv = Server(env, home / "api.log")
-    yield srv
-    srv.stop()
+    with Server(env, home / "api.log") as srv:
+        yield srv
 
 
 def _client(server: Server, key: str | None) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=server.url, headers=headers, timeout=60)
+    return server.client({"Authorization": f"Bearer {key}"} if key else None)
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def client(home: Path) -> Iterator[httpx.Client]:
     env = service_env(home, retention_hours=str(RETENTION_S / 3600), sweep_interval_s="0.5")
-    server = Server(env, home / "api.log")
-    try:
-        with httpx.Client(base_url=server.url, timeout=60) as http:
-            yield http
-    finally:
-        server.stop()
+    with Server(env, home / "api.log") as server, server.client() as http:
+        yield http
 
 
 def _wait_expired(client: httpx.Client, job_id: str, timeout: float = 30) -> dict:
