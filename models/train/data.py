@@ -8,9 +8,10 @@ so overlapping crops of one image never straddle the train/validation split.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from models.datasets import read_labelled
 from models.train.augment import AugmentOptions, augment
 from models.train.targets import hv_targets
 
@@ -34,7 +36,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("consep_train", "consep_test", "monuseg", "cpm15")
+_SOURCE_FILES: dict[str, tuple[str, bool]] = {
+    "consep_train": ("consep_train", True),
+    "consep_test": ("consep_patches_train.npz", True),
+    "monuseg": ("monuseg", False),
+    "cpm15": ("cpm15", False),
+}
+"""Source -> (its file or folder under the data root, whether its classes are used)."""
+
+SOURCES = tuple(_SOURCE_FILES)
 """Data sets known to :func:`load_items` (folders/files under the shared nuclei root)."""
 
 
@@ -107,57 +117,13 @@ def _consep_group(name: str) -> str:
     return match.group(1)
 
 
-def _read_rgb(path: Path) -> NDArray[np.uint8]:
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise FileNotFoundError(f"cannot read image {path}")
-    return np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), dtype=np.uint8)
-
-
-def _consep_train(root: Path, mpp: float, limit: int | None) -> Iterable[Item]:
-    folder = root / "consep_train"
-    with np.load(folder / "labels.npz") as labels:
-        names, src_mpp = [str(n) for n in labels["names"]], float(labels["mpp"])
-        inst_all, type_all = labels["inst"], labels["type_map"]
-    for i, name in enumerate(names[:limit]):
-        image = _read_rgb(folder / "images" / f"{name}.jpg")
-        yield _make_item(
-            name, _consep_group(name), "consep_train", image, inst_all[i], type_all[i], src_mpp, mpp
-        )
-
-
-def _consep_test(root: Path, mpp: float, limit: int | None) -> Iterable[Item]:
-    with np.load(root / "consep_patches_train.npz") as data:
-        names, src_mpp = [str(n) for n in data["names"]], float(data["mpp"])
-        images, inst_all, type_all = data["images"], data["inst"], data["type_map"]
-    for i, name in enumerate(names[:limit]):
-        yield _make_item(
-            name, _consep_group(name), "consep_test", images[i], inst_all[i], type_all[i], src_mpp, mpp
-        )
-
-
-def _monuseg(root: Path, mpp: float, limit: int | None) -> Iterable[Item]:
-    folder = root / "monuseg"
-    with np.load(folder / "labels.npz") as labels:
-        names, src_mpp, inst_all = [str(n) for n in labels["names"]], float(labels["mpp"]), labels["inst"]
-    for i, name in enumerate(names[:limit]):
-        image = _read_rgb(folder / "images" / f"{name}.png")
-        yield _make_item(name, name, "monuseg", image, inst_all[i], None, src_mpp, mpp)
-
-
-def _cpm15(root: Path, mpp: float, limit: int | None) -> Iterable[Item]:
-    for path in sorted((root / "cpm15").glob("cpm15_image*.npz"))[:limit]:
-        with np.load(path) as data:
-            image, inst, src_mpp = data["image"], data["inst"], float(data["mpp"])
-        yield _make_item(path.stem, path.stem, "cpm15", image, inst, None, src_mpp, mpp)
-
-
-_READERS: dict[str, Callable[[Path, float, int | None], Iterable[Item]]] = {
-    "consep_train": _consep_train,
-    "consep_test": _consep_test,
-    "monuseg": _monuseg,
-    "cpm15": _cpm15,
-}
+def _read_source(root: Path, source: str, mpp: float, limit: int | None) -> Iterable[Item]:
+    path, typed = _SOURCE_FILES[source]
+    for im in itertools.islice(read_labelled(root / path), limit):
+        # CoNSeP crops of one source image form a group; the other sets have one image per source.
+        group = _consep_group(im.name) if source.startswith("consep") else im.name
+        types = im.types if typed else None
+        yield _make_item(im.name, group, source, im.image, im.inst, types, im.mpp, mpp)
 
 
 def load_items(
@@ -183,9 +149,9 @@ def load_items(
     root = Path(root)
     items: list[Item] = []
     for source in sources:
-        if source not in _READERS:
+        if source not in _SOURCE_FILES:
             raise ValueError(f"unknown data source {source!r}; known: {SOURCES}")
-        loaded = list(_READERS[source](root, mpp, limit))
+        loaded = list(_read_source(root, source, mpp, limit))
         logger.info("loaded %d items from %s", len(loaded), source)
         items += loaded
     return items

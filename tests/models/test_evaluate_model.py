@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import models.evaluate_model as evaluate_module
-from models.evaluate_model import evaluate_model, read_labelled, sweep_postprocess
+from models.datasets import read_labelled
+from models.evaluate_model import evaluate_model, sweep_postprocess
 from tests._synthetic import CLASSES, build_oracle, draw_ellipses, encode_slide
 
 ROOT = Path(__file__).resolve().parents[2]
