@@ -540,6 +540,22 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
+def sweep_table(results: Sequence[Mapping[str, Any]]) -> tuple[str, list[str], list[list[str]]]:
+    """A terminal table of a threshold sweep: one row per post-processing setting (each result
+    carries its ``postprocess``), with the headline metrics; undefined values show as "–"."""
+    rows = []
+    for result in results:
+        inst, det = result["instance"]["per_image_mean"], result["detection"]
+        f_c = [c["f1"] for c in result["classes"].values() if c["f1"] is not None]
+        rows.append([
+            str(result["postprocess"].get("np_threshold", "–")),
+            str(result["postprocess"].get("marker_threshold", "–")),
+            _fmt(inst["pq"]), _fmt(inst["aji"]), _fmt(det["f1"]),
+            _fmt(sum(f_c) / len(f_c) if f_c else None), _fmt(result["mpq_plus"]),
+        ])
+    return "post-processing thresholds", ["np", "marker", "PQ", "AJI", "F_d", "mean F_c", "mPQ+"], rows
+
+
 def summary_tables(result: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
     """Tables for a terminal: ``(title, header, rows)`` with every cell a string.
 

@@ -229,16 +229,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_scores(result: dict, title: str | None = None) -> None:
+def _print_tables(tables: list[tuple[str, list[str], list[list[str]]]], title: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
-
-    from models.evaluate import summary_tables
 
     console = Console()
     if title:
         console.print(title)
-    for caption, header, rows in summary_tables(result):
+    for caption, header, rows in tables:
         table = Table(title=caption)
         for name in header:
             table.add_column(name)
@@ -247,9 +245,16 @@ def _print_scores(result: dict, title: str | None = None) -> None:
         console.print(table)
 
 
+def _print_scores(result: dict, title: str | None = None) -> None:
+    from models.evaluate import summary_tables
+
+    _print_tables(summary_tables(result), title)
+
+
 def _cmd_model_evaluate(args: argparse.Namespace) -> int:
     import itertools
 
+    from models.evaluate import sweep_table
     from models.evaluate_model import sweep_postprocess
     from models.zoo import default_model
 
@@ -269,34 +274,11 @@ def _cmd_model_evaluate(args: argparse.Namespace) -> int:
             _print_scores(found[0], title=f"{Path(model).name} on {data}")
             results[str(data)] = found[0]
         else:
-            _print_sweep(found, title=f"{Path(model).name} on {data}: post-processing thresholds")
+            _print_tables([sweep_table(found)], title=f"{Path(model).name} on {data}")
             results[str(data)] = found
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
-
-
-def _print_sweep(results: list[dict], title: str) -> None:
-    """One row per threshold setting: the headline metrics, so settings can be compared."""
-    from rich.console import Console
-    from rich.table import Table
-
-    def fmt(value: float | None) -> str:
-        return "–" if value is None else f"{value:.4f}"
-
-    table = Table(title=title)
-    for name in ("np", "marker", "PQ", "AJI", "F_d", "mean F_c", "mPQ+"):
-        table.add_column(name)
-    for result in results:
-        inst, det, classes = result["instance"]["per_image_mean"], result["detection"], result["classes"]
-        f_c = [c["f1"] for c in classes.values() if c["f1"] is not None]
-        table.add_row(
-            str(result["postprocess"].get("np_threshold", "–")),
-            str(result["postprocess"].get("marker_threshold", "–")),
-            fmt(inst["pq"]), fmt(inst["aji"]), fmt(det["f1"]),
-            fmt(sum(f_c) / len(f_c) if f_c else None), fmt(result["mpq_plus"]),
-        )
-    Console().print(table)
 
 
 # --------------------------------------------------------------------------- parser

@@ -17,6 +17,7 @@ from models.evaluate import (
     evaluate_pair,
     radius_for_mpp,
     summary_tables,
+    sweep_table,
 )
 from tests.models._cases import CONSEP, shifted_case
 
@@ -252,3 +253,16 @@ def test_summary_tables() -> None:
     untyped = summary_tables(evaluate_dataset(images()[2:], radius=12))
     assert len(untyped) == 1 and untyped[0][2][0] == ["Dice", "–", "–"]
     assert not math.isnan(res["instance"]["pooled"]["pq"])
+
+
+def test_sweep_table_has_a_row_per_setting() -> None:
+    typed = evaluate_dataset(images(), radius=12, class_names=CLASSES)
+    untyped = evaluate_dataset([(p, None, g, None) for p, _, g, _ in images()], radius=12)
+    results = [{**typed, "postprocess": {"np_threshold": 0.5, "marker_threshold": 0.4}},
+               {**untyped, "postprocess": {"np_threshold": 0.6}}]
+    _, header, rows = sweep_table(results)
+    assert header == ["np", "marker", "PQ", "AJI", "F_d", "mean F_c", "mPQ+"]
+    assert rows[0][:3] == ["0.5", "0.4", "0.5000"]
+    mean_f_c = sum(c["f1"] for c in typed["classes"].values()) / 2
+    assert rows[0][5] == f"{mean_f_c:.4f}"
+    assert rows[1][:2] == ["0.6", "–"] and rows[1][5:] == ["–", "–"]
