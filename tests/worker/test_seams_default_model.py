@@ -27,14 +27,18 @@ def _polygons(table: NucleusTable) -> list[shapely.Polygon]:
     return [shapely.Polygon(table.polygon(i)).buffer(0) for i in range(len(table))]
 
 
+def _iou(a: shapely.Polygon, b: shapely.Polygon) -> float:
+    inter = a.intersection(b).area
+    return inter / (a.area + b.area - inter)
+
+
 def _best_iou(polys: list[shapely.Polygon], others: list[shapely.Polygon]) -> np.ndarray:
     """For each polygon of ``polys``, its highest IoU with any of ``others``."""
     tree = shapely.STRtree(others)
     best = np.zeros(len(polys))
     for i, poly in enumerate(polys):
         for j in tree.query(poly, predicate="intersects"):
-            inter = poly.intersection(others[j]).area
-            best[i] = max(best[i], inter / (poly.area + others[j].area - inter))
+            best[i] = max(best[i], _iou(poly, others[j]))
     return best
 
 
@@ -71,8 +75,6 @@ def test_no_two_reported_nuclei_overlap(runs: dict[int, NucleusTable], size: int
     tree = shapely.STRtree(polys)
     overlapping = []
     for i, j in zip(*tree.query(polys, predicate="intersects"), strict=True):
-        if i < j:
-            inter = polys[i].intersection(polys[j]).area
-            if inter / (polys[i].area + polys[j].area - inter) > 0.2:
-                overlapping.append((int(i), int(j)))
+        if i < j and _iou(polys[i], polys[j]) > 0.2:
+            overlapping.append((int(i), int(j)))
     assert not overlapping, f"{len(overlapping)} pairs overlap with IoU > 0.2, e.g. {overlapping[:3]}"
