@@ -299,8 +299,7 @@ class Store:
         for part in ("regions", "done", "prepared.pkl", "results"):
             self.delete(self._job_key(job_id, part))
 
-    def delete_job(self, job_id: str) -> None:
+    def delete_job(self, record: JobRecord) -> None:
         """Remove a job entirely: its owner-index entry, record and data."""
-        with contextlib.suppress(JobNotFound):
-            self.delete(self._owner_entry(self.read_record(job_id)))
-        self.delete(self._job_key(job_id))
+        self.delete(self._owner_entry(record))
+        self.delete(self._job_key(record.id))

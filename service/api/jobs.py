@@ -281,6 +281,6 @@ def delete_job(job_id: str, request: Request, services: ServicesDep, owner: Owne
         logger.info("job %s: cancelled by %s", job_id, owner)
         return Response(_status(record, services, request).model_dump_json(),
                         media_type="application/json")
-    store.delete_job(job_id)
+    store.delete_job(record)
     logger.info("job %s: deleted by %s", job_id, owner)
     return Response(status_code=204)

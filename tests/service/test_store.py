@@ -88,7 +88,7 @@ def test_owner_index_lists_an_owners_jobs_newest_first(store: Store) -> None:
     assert store.owner_jobs("alice") == [jobs[3].id, jobs[2].id, jobs[0].id]
     assert store.owner_jobs("bob") == [jobs[1].id]
     assert store.owner_jobs("carol") == []
-    store.delete_job(jobs[2].id)
+    store.delete_job(jobs[2])
     assert store.owner_jobs("alice") == [jobs[3].id, jobs[0].id]
 
 
