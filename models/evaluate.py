@@ -550,10 +550,12 @@ def sweep_table(results: Sequence[Mapping[str, Any]]) -> tuple[str, list[str], l
         rows.append([
             str(result["postprocess"].get("np_threshold", "–")),
             str(result["postprocess"].get("marker_threshold", "–")),
+            str(result["postprocess"].get("upsample", 1)),
             _fmt(inst["pq"]), _fmt(inst["aji"]), _fmt(det["f1"]),
             _fmt(sum(f_c) / len(f_c) if f_c else None), _fmt(result["mpq_plus"]),
         ])
-    return "post-processing thresholds", ["np", "marker", "PQ", "AJI", "F_d", "mean F_c", "mPQ+"], rows
+    header = ["np", "marker", "upsample", "PQ", "AJI", "F_d", "mean F_c", "mPQ+"]
+    return "post-processing options", header, rows
 
 
 def summary_tables(result: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:

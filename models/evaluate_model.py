@@ -27,7 +27,7 @@ from models.evaluate import evaluate_dataset, radius_for_mpp
 __all__ = [
     "POSTPROCESS_KEYS",
     "ImageMaps",
-    "card_thresholds",
+    "card_postprocess",
     "evaluate_model",
     "instances_from_maps",
     "predict_image_maps",
@@ -37,8 +37,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-POSTPROCESS_KEYS = ("np_threshold", "marker_threshold")
-"""Card post-processing options that evaluation can override."""
+POSTPROCESS_KEYS = ("np_threshold", "marker_threshold", "upsample")
+"""Card post-processing options evaluation can override (see ``worker.postprocess.PostprocessOptions``)."""
 
 def _resize(image: NDArray, shape: tuple[int, int], interpolation: int) -> NDArray:
     return cv2.resize(image, (shape[1], shape[0]), interpolation=interpolation)
@@ -96,22 +96,22 @@ def predict_image_maps(model: Any, image: NDArray[np.uint8], mpp: float) -> Imag
 
 
 def instances_from_maps(
-    maps: ImageMaps, mpp: float, postprocess: Mapping[str, float]
+    maps: ImageMaps, mpp: float, postprocess: Mapping[str, Any]
 ) -> tuple[NDArray[np.int32], dict[int, int]]:
-    """HoVer-Net post-processing of ``maps`` (made at ``mpp``): a label map at the image's size
-    (nearest neighbour when the model works coarser) and each label's type."""
-    from worker.postprocess import hover_instances
+    """Post-processing of ``maps`` (made at ``mpp``) as a slide job does it: a label map at the
+    image's size (nearest neighbour where the two grids differ) and each label's type."""
+    from worker.postprocess import PostprocessOptions, segment_maps
 
-    options: dict[str, Any] = dict(postprocess)
-    found = hover_instances(maps.np_prob, maps.hv, maps.types, mpp=mpp, **options)
+    options = PostprocessOptions.from_mapping(postprocess)
+    found = segment_maps(maps.np_prob, maps.hv, maps.types, mpp=mpp, options=options)
     labels = found.labels.astype(np.int32)
     if labels.shape != maps.shape:
         labels = _resize(labels, maps.shape, cv2.INTER_NEAREST)
     return labels, {int(n.label): int(n.type) for n in found.nuclei}
 
 
-def card_thresholds(card: Any) -> dict[str, float]:
-    """The post-processing thresholds a model's card asks for."""
+def card_postprocess(card: Any) -> dict[str, Any]:
+    """The post-processing options a model's card sets."""
     return {k: card.postprocess[k] for k in POSTPROCESS_KEYS if k in card.postprocess}
 
 
@@ -121,7 +121,7 @@ def predict_instances(
     """Nuclei of one RGB image at ``mpp`` µm/px, with the card's post-processing: a label map at
     the image's size, and types."""
     maps = predict_image_maps(model, image, mpp)
-    return instances_from_maps(maps, model.card.mpp, card_thresholds(model.card))
+    return instances_from_maps(maps, model.card.mpp, card_postprocess(model.card))
 
 
 def evaluate_model(
@@ -153,7 +153,7 @@ def evaluate_model(
     -------
     dict
         :func:`models.evaluate.evaluate_dataset`'s result plus ``model``, ``data`` and the
-        ``postprocess`` thresholds used (the card's). Classes are scored when the data has a
+        ``postprocess`` options used (the card's). Classes are scored when the data has a
         type map and the model's classes match its class names.
     """
     return sweep_postprocess(model_path, data, [{}], only=only, mpp=mpp, device=device,
@@ -172,9 +172,9 @@ def sweep_postprocess(
 ) -> list[dict[str, Any]]:
     """Score a model under several post-processing settings, running the network once per image.
 
-    Each setting overrides the card's thresholds (``np_threshold``, ``marker_threshold``); ``{}``
-    keeps the card's. Returns one :func:`evaluate_model`-style result per setting, in order: the
-    way to choose a model's thresholds on held-out images of one's own.
+    Each setting overrides the card's options (``np_threshold``, ``marker_threshold``,
+    ``upsample``); ``{}`` keeps the card's. Returns one :func:`evaluate_model`-style result per
+    setting, in order: the way to choose a model's post-processing on held-out images of one's own.
     """
     from tqdm import tqdm
 
@@ -203,7 +203,7 @@ def sweep_postprocess(
             "data classes %s differ from the model's %s: scoring without classes", data_classes, card_classes
         )
         typed = False
-    options = [{**card_thresholds(model.card), **setting} for setting in settings]
+    options = [{**card_postprocess(model.card), **setting} for setting in settings]
     pairs: list[list[tuple]] = [[] for _ in options]
     for im in tqdm(images, disable=not progress, desc=Path(data).name):
         maps = predict_image_maps(model, im.image, im.mpp)

@@ -69,6 +69,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _upsample_factor(text: str) -> int:
+    value = _positive_int(text)
+    if value > 4:
+        raise argparse.ArgumentTypeError(f"expected an upsampling factor from 1 to 4, got {text!r}")
+    return value
+
+
 class UsageError(Exception):
     """A problem with the command line the user can fix; printed without a traceback."""
 
@@ -262,11 +269,11 @@ def _cmd_model_evaluate(args: argparse.Namespace) -> int:
     model = args.model if args.model != "default" else default_model()
     if model is None:
         raise UsageError("no bundled model: name an ONNX file")
-    # One setting ({}: the card's thresholds) unless a grid of thresholds is asked for.
-    grid = [{}] if not (args.np_threshold or args.marker_threshold) else [
-        {k: v for k, v in (("np_threshold", t_np), ("marker_threshold", t_marker)) if v is not None}
-        for t_np, t_marker in itertools.product(args.np_threshold or [None], args.marker_threshold or [None])
-    ]
+    # One setting ({}: the card's options) unless a grid of options is asked for.
+    axes = {"np_threshold": args.np_threshold, "marker_threshold": args.marker_threshold,
+            "upsample": args.upsample}
+    asked = {k: v for k, v in axes.items() if v}
+    grid = [dict(zip(asked, values, strict=True)) for values in itertools.product(*asked.values())]
     results: dict[str, Any] = {}
     for data in args.data:
         found = sweep_postprocess(model, data, grid, only=args.only or (), mpp=args.mpp,
@@ -356,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nucleus-probability threshold(s) instead of the card's; several: a sweep")
     p.add_argument("--marker-threshold", nargs="+", type=_probability, metavar="T",
                    help="marker threshold(s) instead of the card's; with --np-threshold, every pair")
+    p.add_argument("--upsample", nargs="+", type=_upsample_factor, metavar="N",
+                   help="post-process the maps upsampled N times (1-4) instead of the card's factor")
     p.add_argument("--json", help="also write every metric to this JSON file")
     p.set_defaults(func=_cmd_model_evaluate)
 

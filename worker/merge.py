@@ -42,16 +42,20 @@ def region_table(
     *,
     area: Box,
     band: float = SEAM_BAND,
+    upsample: int = 1,
 ) -> NucleusTable:
     """Nuclei of one region's maps that the region reports, in level-0 pixels.
 
-    Kept: centroid inside ``core`` grown by ``band``, and inside the analysed ``area``.
+    Kept: centroid inside ``core`` grown by ``band``, and inside the analysed ``area``. With
+    ``upsample`` > 1 the nuclei come from the region's maps upsampled by that factor (their pixel
+    ``u`` sits at model position ``(u + 0.5) / upsample - 0.5``).
     """
     if not nuclei:
         return NucleusTable()
+    f = upsample
     origin_x, origin_y = region.maps.col0, region.maps.row0
-    cx = np.array([n.centroid[0] for n in nuclei]) + origin_x
-    cy = np.array([n.centroid[1] for n in nuclei]) + origin_y
+    cx = (np.array([n.centroid[0] for n in nuclei]) + 0.5) / f - 0.5 + origin_x
+    cy = (np.array([n.centroid[1] for n in nuclei]) + 0.5) / f - 0.5 + origin_y
     core = region.core
     keep = (
         (cy >= core.row0 - band) & (cy < core.row1 + band)
@@ -59,11 +63,12 @@ def region_table(
         & area.contains_points(cy, cx)
     )
     chosen = [n for n, k in zip(nuclei, keep, strict=True) if k]
+    # The fine grid is a model grid of its own: f times the pixels, origin f times further.
     return NucleusTable.from_nuclei(
         chosen,
-        scale=grid.level0_per_model,
-        offset=(float(origin_x), float(origin_y)),
-        mpp=grid.mpp,
+        scale=grid.level0_per_model / f,
+        offset=(float(origin_x * f), float(origin_y * f)),
+        mpp=grid.mpp / f,
         region=region.index,
     )
 

@@ -30,6 +30,7 @@ from worker.plan import DEFAULT_HALO_UM, DEFAULT_REGION_SIZE, Box, Region, plan_
 from worker.read import ModelGrid, model_grid, read_model_box
 
 if TYPE_CHECKING:
+    from worker.postprocess import PostprocessOptions
     from worker.slide import Slide
 
 __all__ = [
@@ -236,24 +237,23 @@ def read_region(plan: SlidePlan, region: Region) -> tuple[NDArray[np.uint8], flo
 
 
 def postprocess_region(
-    maps: RegionMaps, region: Region, plan: SlidePlan, postprocess: dict[str, Any]
+    maps: RegionMaps, region: Region, plan: SlidePlan, postprocess: PostprocessOptions
 ) -> tuple[NucleusTable, float]:
     """Instances of one region's maps, reduced to those the region reports; and seconds spent."""
-    from worker.postprocess import hover_instances
+    from worker.postprocess import segment_maps
 
     start = time.perf_counter()
     if not maps.np_prob.any():
         return NucleusTable(), time.perf_counter() - start
-    result = hover_instances(maps.np_prob, maps.hv, maps.types, mpp=plan.grid.mpp, **postprocess)
-    table = region_table(result.nuclei, region, plan.grid, area=plan.area)
+    result = segment_maps(maps.np_prob, maps.hv, maps.types, mpp=plan.grid.mpp, options=postprocess)
+    table = region_table(result.nuclei, region, plan.grid, area=plan.area, upsample=postprocess.upsample)
     return table, time.perf_counter() - start
 
 
-_POSTPROCESS_KEYS = ("np_threshold", "marker_threshold")
+def _postprocess_options(card: ModelCard) -> PostprocessOptions:
+    from worker.postprocess import PostprocessOptions
 
-
-def _postprocess_options(card: ModelCard) -> dict[str, Any]:
-    return {k: card.postprocess[k] for k in _POSTPROCESS_KEYS if k in card.postprocess}
+    return PostprocessOptions.from_mapping(card.postprocess)
 
 
 # --------------------------------------------------------------------------- shared maps
@@ -294,7 +294,7 @@ def _maps_view(buf: memoryview | None, box: Box, typed: bool) -> RegionMaps:
 
 
 def postprocess_shared(
-    name: str, box: Box, typed: bool, region: Region, plan: SlidePlan, postprocess: dict[str, Any]
+    name: str, box: Box, typed: bool, region: Region, plan: SlidePlan, postprocess: PostprocessOptions
 ) -> tuple[NucleusTable, float]:
     """:func:`postprocess_region` on maps living in the shared-memory block ``name``."""
     from multiprocessing import shared_memory

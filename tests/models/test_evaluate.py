@@ -261,8 +261,8 @@ def test_sweep_table_has_a_row_per_setting() -> None:
     results = [{**typed, "postprocess": {"np_threshold": 0.5, "marker_threshold": 0.4}},
                {**untyped, "postprocess": {"np_threshold": 0.6}}]
     _, header, rows = sweep_table(results)
-    assert header == ["np", "marker", "PQ", "AJI", "F_d", "mean F_c", "mPQ+"]
-    assert rows[0][:3] == ["0.5", "0.4", "0.5000"]
+    assert header == ["np", "marker", "upsample", "PQ", "AJI", "F_d", "mean F_c", "mPQ+"]
+    assert rows[0][:4] == ["0.5", "0.4", "1", "0.5000"]
     mean_f_c = sum(c["f1"] for c in typed["classes"].values()) / 2
-    assert rows[0][5] == f"{mean_f_c:.4f}"
-    assert rows[1][:2] == ["0.6", "–"] and rows[1][5:] == ["–", "–"]
+    assert rows[0][6] == f"{mean_f_c:.4f}"
+    assert rows[1][:2] == ["0.6", "–"] and rows[1][6:] == ["–", "–"]

@@ -132,9 +132,9 @@ def test_a_threshold_sweep_runs_the_network_once_per_image(
     real = evaluate_module.predict_image_maps
     monkeypatch.setattr(evaluate_module, "predict_image_maps",
                         lambda *args: calls.append(1) or real(*args))
-    settings = [{}, {"np_threshold": 0.95}, {"marker_threshold": 0.05}]
-    card_default, strict_np, loose_marker = sweep_postprocess(oracle, stack, settings)
-    assert len(calls) == 3  # three images, three settings: one network run per image
+    settings = [{}, {"np_threshold": 0.95}, {"marker_threshold": 0.05}, {"upsample": 2}]
+    card_default, strict_np, loose_marker, upsampled = sweep_postprocess(oracle, stack, settings)
+    assert len(calls) == 3  # three images, four settings: one network run per image
     assert card_default["postprocess"] == evaluate_model(oracle, stack)["postprocess"]
     assert card_default["detection"] == evaluate_model(oracle, stack)["detection"]
     assert strict_np["postprocess"]["np_threshold"] == 0.95
@@ -142,6 +142,10 @@ def test_a_threshold_sweep_runs_the_network_once_per_image(
     # markers at 0.05 cover everything and leave no seeds to split nuclei.
     assert strict_np["detection"]["f1"] < card_default["detection"]["f1"] == 1.0
     assert loose_marker["instance"]["per_image_mean"]["pq"] < 0.5
+    # Segmented on a grid twice as fine, labels still come back at the image's own size.
+    assert upsampled["postprocess"]["upsample"] == 2
+    assert upsampled["detection"]["f1"] == 1.0
+    assert upsampled["instance"]["per_image_mean"]["pq"] > 0.9
     with pytest.raises(ValueError, match="unknown post-processing"):
         sweep_postprocess(oracle, stack, [{"min_size": 3}])
 
@@ -163,6 +167,11 @@ def test_cli_sweeps_thresholds_into_one_table(oracle: Path, stack: Path, tmp_pat
          "--np-threshold", "1.5"], capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert bad.returncode != 0 and "between 0 and 1" in bad.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "service.cli", "model", "evaluate", str(oracle), str(stack),
+         "--upsample", "8"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert bad.returncode != 0 and "from 1 to 4" in bad.stderr
 
 
 def test_cli_prints_and_writes_the_scores(oracle: Path, stack: Path, tmp_path: Path) -> None:

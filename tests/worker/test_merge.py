@@ -35,6 +35,21 @@ def test_region_reports_nuclei_centred_in_its_core_and_maps_to_level0() -> None:
     assert table.region.tolist() == [0]
 
 
+def test_nuclei_from_upsampled_maps_land_where_the_model_grid_puts_them() -> None:
+    # Model pixel p is fine pixel 2p + 0.5 on maps upsampled twice; the region's origin doubles.
+    coarse = region_table([_square(60, 60), _square(149, 60)], LEFT, GRID, area=AREA)
+    fine = region_table([_square(120.5, 120.5, half=8.5), _square(298.5, 120.5, half=8.5)], LEFT, GRID,
+                        area=AREA, upsample=2)
+    assert len(fine) == len(coarse) == 2
+    np.testing.assert_allclose(fine.centroid, coarse.centroid)
+    np.testing.assert_allclose(fine.bbox, coarse.bbox, atol=1.0)
+    np.testing.assert_allclose(fine.vertices, coarse.vertices, atol=1.0)
+    # Areas in µm² whatever the grid: 18² fine pixels of 0.25 µm.
+    np.testing.assert_allclose(fine.area_um2, [18 * 18 * 0.25 * 0.25] * 2)
+    # A centroid just past the band is dropped on either grid.
+    assert len(region_table([_square(306.5, 120.5)], LEFT, GRID, area=AREA, upsample=2)) == 0
+
+
 def test_region_keeps_a_narrow_band_beyond_its_core_but_never_beyond_the_area() -> None:
     near = _square(151.5, 60)   # global x = 101.5: 1.5 px into the right core
     outside = _square(40, 40)   # global (-10, -10): outside the analysed area
