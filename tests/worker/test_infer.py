@@ -42,6 +42,14 @@ def test_missing_file_and_cardless_model_are_refused(tmp_path: Path) -> None:
         load_model(tmp_path / "junk.onnx")
 
 
+def test_a_card_with_bad_post_processing_options_is_refused_at_load(tmp_path: Path) -> None:
+    card = oracle_card().model_copy(update={"postprocess": {"np_threshold": 0.5, "upsample": 9}})
+    with pytest.raises(InferenceError, match="upsample"):
+        load_model(build_oracle(tmp_path / "bad.onnx", card))
+    fine = oracle_card().model_copy(update={"postprocess": {"upsample": 2}})
+    assert load_model(build_oracle(tmp_path / "fine.onnx", fine)).card.postprocess == {"upsample": 2}
+
+
 def test_stitched_maps_equal_the_decoded_image(tmp_path: Path) -> None:
     card = oracle_card(input_size=48, output_size=32)
     model = load_model(build_oracle(tmp_path / "o.onnx", card), batch_size=3)
