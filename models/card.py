@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from models.errors import ModelCardError
 
-__all__ = ["CARD_METADATA_KEY", "ClassInfo", "ModelCard", "read_card"]
+__all__ = ["CARD_METADATA_KEY", "ClassInfo", "ModelCard", "embed_card", "read_card", "replace_card"]
 
 CARD_METADATA_KEY = "hoverserve.card"
 """Name of the ONNX ``metadata_props`` entry holding the card as JSON."""
@@ -113,6 +113,26 @@ def read_card(path: str | Path) -> ModelCard:
 def card_metadata(card: ModelCard) -> dict[str, str]:
     """Metadata entries to embed in an ONNX file for ``card``."""
     return {CARD_METADATA_KEY: card.to_json(), "hoverserve.card.name": card.name}
+
+
+def embed_card(proto: Any, card: ModelCard) -> None:
+    """Put ``card`` into an ``onnx.ModelProto`` (other metadata entries kept)."""
+    import onnx
+
+    props = {p.key: p.value for p in proto.metadata_props}
+    props.update(card_metadata(card))
+    onnx.helper.set_model_props(proto, props)
+    proto.doc_string = card.description or card.name
+
+
+def replace_card(path: str | Path, output: str | Path, card: ModelCard) -> None:
+    """Write ``path``'s graph and weights, unchanged, to ``output`` with ``card`` embedded."""
+    import onnx
+
+    read_card(path)  # refuses files that are not HoVerServe models
+    proto = onnx.load(str(path))
+    embed_card(proto, card)
+    onnx.save(proto, str(output))
 
 
 def _dump(card: ModelCard) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.card import ModelCard, card_metadata
+from models.card import ModelCard, embed_card
 from models.errors import ExportError
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAMES", "TTA_TRANSFORMS", "OnnxHead", "check_onnx", "export_onnx"]
@@ -274,10 +274,7 @@ def _write_with_card(traced: Path, card: ModelCard, output: Path) -> None:
     import onnx
 
     proto = onnx.load(str(traced))
-    props = {p.key: p.value for p in proto.metadata_props}
-    props.update(card_metadata(card))
-    onnx.helper.set_model_props(proto, props)
-    proto.doc_string = card.description or card.name
+    embed_card(proto, card)
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:

@@ -176,17 +176,44 @@ def _cmd_model_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_metrics(path: str | None) -> dict[str, Any] | None:
+    if not path:
+        return None
+    try:
+        metrics = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--metrics {path}: {exc}") from exc
+    if not isinstance(metrics, dict):
+        raise UsageError(f"--metrics {path}: expected a JSON object")
+    return metrics
+
+
+def _cmd_model_set_postprocess(args: argparse.Namespace) -> int:
+    from models.card import read_card, replace_card
+    from worker.postprocess import PostprocessOptions
+
+    source = _resolve_model(args.model)
+    card = read_card(source)
+    asked = {"np_threshold": args.np_threshold, "marker_threshold": args.marker_threshold,
+             "upsample": args.upsample}
+    postprocess = {**card.postprocess, **{k: v for k, v in asked.items() if v is not None}}
+    try:
+        PostprocessOptions.from_mapping(postprocess)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    update: dict[str, Any] = {"postprocess": postprocess}
+    metrics = _read_metrics(args.metrics)
+    if metrics is not None:
+        update["metrics"] = metrics
+    replace_card(source, args.output, card.model_copy(update=update))
+    print(f"wrote {args.output}: {card.name}, post-processing {json.dumps(postprocess)}")
+    return 0
+
+
 def _cmd_model_export(args: argparse.Namespace) -> int:
     from models.train import export_trained
 
-    metrics = None
-    if args.metrics:
-        try:
-            metrics = json.loads(Path(args.metrics).read_text())
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"--metrics {args.metrics}: {exc}") from exc
-        if not isinstance(metrics, dict):
-            raise UsageError(f"--metrics {args.metrics}: expected a JSON object")
+    metrics = _read_metrics(args.metrics)
     card = export_trained(args.checkpoint, args.output, tta=args.tta, metrics=metrics,
                           card_from=args.card_from)
     print(f"wrote {args.output}: {card.name} ({card.architecture}, "
@@ -341,6 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a training config whose card section replaces the checkpoint's (names, texts, "
                         "post-processing thresholds)")
     p.set_defaults(func=_cmd_model_export)
+    p = msub.add_parser("set-postprocess",
+                        help="write a copy of a model with other post-processing options in its card")
+    p.add_argument("model", help="ONNX model file or bundled model name")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--np-threshold", type=_probability, metavar="T")
+    p.add_argument("--marker-threshold", type=_probability, metavar="T")
+    p.add_argument("--upsample", type=_upsample_factor, metavar="N",
+                   help="segment on maps upsampled N times (1-4): finer outlines, slower post-processing")
+    p.add_argument("--metrics", metavar="JSON", help="measured metrics to store in the card instead")
+    p.set_defaults(func=_cmd_model_set_postprocess)
     p = msub.add_parser("train", help="train a model from a config file")
     p.add_argument("config")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")

@@ -160,3 +160,35 @@ def test_bundled_models_are_named_without_a_path(tmp_path: Path) -> None:
     card = read_card(bundled)
     assert (manifest["model"]["name"], manifest["model"]["version"]) == (card.name, card.version)
     assert manifest["model"]["test_time_augmentation"] == card.test_time_augmentation
+
+
+def test_set_postprocess_writes_a_copy_with_the_new_options(oracle_model: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+
+    from models.card import read_card
+
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"consep": {"pq": 0.5}}))
+    out = tmp_path / "tuned.onnx"
+    before = oracle_model.read_bytes()
+    code = main(["model", "set-postprocess", str(oracle_model), "-o", str(out), "--upsample", "2",
+                 "--marker-threshold", "0.45", "--metrics", str(metrics)])
+    assert code == 0
+    card = read_card(out)
+    assert card.postprocess == {"upsample": 2, "marker_threshold": 0.45}
+    assert card.metrics == {"consep": {"pq": 0.5}}
+    assert read_card(oracle_model).postprocess == {}  # the source is left alone
+    assert oracle_model.read_bytes() == before
+    # Same graph and weights: only the card differs.
+    a, b = onnx.load(str(oracle_model)), onnx.load(str(out))
+    assert a.graph.SerializeToString() == b.graph.SerializeToString()
+    # Bad values are refused before anything is written.
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["model", "set-postprocess", str(oracle_model), "-o", str(tmp_path / "x.onnx"),
+              "--upsample", "9"])
+    assert "from 1 to 4" in capsys.readouterr().err
+    assert main(["model", "set-postprocess", str(tmp_path / "none.onnx"), "-o", str(tmp_path / "y.onnx"),
+                 "--upsample", "2"]) == EXIT_USAGE
+    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "y.onnx").exists()
