@@ -96,6 +96,21 @@ def _polygon(vertices: NDArray[np.float32]) -> shapely.Geometry:
     return shapely.Point(np.asarray(vertices, np.float64).mean(axis=0)).buffer(0.5)
 
 
+def _with_partners(table: NucleusTable, near: NDArray[np.intp]) -> NDArray[np.intp]:
+    """``near`` plus every nucleus of another region whose bounding box meets one of theirs.
+
+    A nucleus seen by two regions can be cut differently by each: the piece one region keeps may
+    have its centroid well inside that region's core, far from the seam, yet overlap the other
+    region's nucleus there. Comparing by box contact finds it whatever its centroid.
+    """
+    if len(near) == 0:
+        return near
+    boxes = shapely.box(*table.bbox.T.astype(np.float64))
+    which, partner = shapely.STRtree(boxes).query(boxes[near], predicate="intersects")
+    other = table.region[partner] != table.region[near[which]]
+    return np.union1d(near, partner[other])
+
+
 def resolve_seams(
     table: NucleusTable,
     regions: Sequence[Region],
@@ -112,7 +127,7 @@ def resolve_seams(
     if len(table) == 0:
         return table
     near, inside = _near_seam(table, regions, grid, band)
-    cand = np.flatnonzero(near)
+    cand = _with_partners(table, np.flatnonzero(near))
     if len(cand) < 2:
         return table
     shapes = [_polygon(table.polygon(i)) for i in cand.tolist()]

@@ -187,8 +187,16 @@ def plan_slide(
         "tissue_downsample": 1.0 if mask is None else mask.downsample,
     }
     probe = SlidePlan(regions=(), **plan_args)
+    # Post-processing holds a region's maps (core + halo) upsampled by the card's factor: a core
+    # whose upsampled maps are no larger than a plain region's keeps memory what region_size
+    # promises (rounded down to whole tiles, as the plan would otherwise round it up).
+    factor = _postprocess_options(card).upsample
+    core = options.region_size
+    if factor > 1:
+        tile = card.output_size
+        core = max(tile, ((options.region_size + 2 * halo) // factor - 2 * halo) // tile * tile)
     regions = plan_regions(
-        area, tile=card.output_size, region_size=options.region_size, halo=halo,
+        area, tile=card.output_size, region_size=core, halo=halo,
         keep=lambda core: probe.tissue_in(grid.to_level0(core)),
     )
     plan = SlidePlan(regions=tuple(regions), **plan_args)

@@ -84,6 +84,16 @@ def test_nucleus_whose_centre_falls_outside_both_cores_is_not_lost() -> None:
     assert len(merged) == 1
 
 
+def test_a_piece_centred_deep_in_the_other_core_still_meets_its_duplicate() -> None:
+    # Left reports a large nucleus through its band (global x 101, spanning 89..113); right cut the
+    # same nucleus smaller, centred at 108: 8 px inside its core, beyond the seam band, yet
+    # overlapping left's (IoU 0.28). Right owns it (its centre is in its core); left's goes.
+    left = region_table([_square(151, 60, half=12)], LEFT, GRID, area=AREA)
+    right = region_table([_square(58, 60, half=7)], RIGHT, GRID, area=AREA)
+    merged = resolve_seams(NucleusTable.concat([left, right]), [LEFT, RIGHT], GRID)
+    assert merged.region.tolist() == [1]
+
+
 def test_distinct_neighbours_across_a_seam_are_both_kept() -> None:
     left = region_table([_square(145, 60)], LEFT, GRID, area=AREA)    # global x 95
     right = region_table([_square(56, 60)], RIGHT, GRID, area=AREA)   # global x 106
