@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 
 from models.datasets import read_labelled
 from models.evaluate import evaluate_dataset, radius_for_mpp
+from worker.postprocess import PostprocessOptions, segment_maps
 
 __all__ = [
     "POSTPROCESS_KEYS",
@@ -37,8 +38,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-POSTPROCESS_KEYS = ("np_threshold", "marker_threshold", "upsample")
-"""Card post-processing options evaluation can override (see ``worker.postprocess.PostprocessOptions``)."""
+POSTPROCESS_KEYS = PostprocessOptions.KEYS
+"""Card post-processing options evaluation can override."""
 
 def _resize(image: NDArray, shape: tuple[int, int], interpolation: int) -> NDArray:
     return cv2.resize(image, (shape[1], shape[0]), interpolation=interpolation)
@@ -100,8 +101,6 @@ def instances_from_maps(
 ) -> tuple[NDArray[np.int32], dict[int, int]]:
     """Post-processing of ``maps`` (made at ``mpp``) as a slide job does it: a label map at the
     image's size (nearest neighbour where the two grids differ) and each label's type."""
-    from worker.postprocess import PostprocessOptions, segment_maps
-
     options = PostprocessOptions.from_mapping(postprocess)
     found = segment_maps(maps.np_prob, maps.hv, maps.types, mpp=mpp, options=options)
     labels = found.labels.astype(np.int32)

@@ -70,10 +70,21 @@ def _positive_int(text: str) -> int:
 
 
 def _upsample_factor(text: str) -> int:
+    from worker.postprocess import MAX_UPSAMPLE
+
     value = _positive_int(text)
-    if value > 4:
-        raise argparse.ArgumentTypeError(f"expected an upsampling factor from 1 to 4, got {text!r}")
+    if value > MAX_UPSAMPLE:
+        raise argparse.ArgumentTypeError(
+            f"expected an upsampling factor from 1 to {MAX_UPSAMPLE}, got {text!r}")
     return value
+
+
+def _postprocess_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The post-processing options given on the command line (``--np-threshold`` etc. are named
+    after the card keys), None or empty where not given."""
+    from worker.postprocess import PostprocessOptions
+
+    return {key: getattr(args, key) for key in PostprocessOptions.KEYS}
 
 
 class UsageError(Exception):
@@ -194,9 +205,8 @@ def _cmd_model_set_postprocess(args: argparse.Namespace) -> int:
 
     source = _resolve_model(args.model)
     card = read_card(source)
-    asked = {"np_threshold": args.np_threshold, "marker_threshold": args.marker_threshold,
-             "upsample": args.upsample}
-    postprocess = {**card.postprocess, **{k: v for k, v in asked.items() if v is not None}}
+    asked = {k: v for k, v in _postprocess_args(args).items() if v is not None}
+    postprocess = {**card.postprocess, **asked}
     try:
         PostprocessOptions.from_mapping(postprocess)
     except ValueError as exc:
@@ -297,9 +307,7 @@ def _cmd_model_evaluate(args: argparse.Namespace) -> int:
     if model is None:
         raise UsageError("no bundled model: name an ONNX file")
     # One setting ({}: the card's options) unless a grid of options is asked for.
-    axes = {"np_threshold": args.np_threshold, "marker_threshold": args.marker_threshold,
-            "upsample": args.upsample}
-    asked = {k: v for k, v in axes.items() if v}
+    asked = {k: v for k, v in _postprocess_args(args).items() if v}
     grid = [dict(zip(asked, values, strict=True)) for values in itertools.product(*asked.values())]
     results: dict[str, Any] = {}
     for data in args.data:

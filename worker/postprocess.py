@@ -57,6 +57,7 @@ from skimage.segmentation import watershed
 from worker.nuclei import Nucleus
 
 __all__ = [
+    "MAX_UPSAMPLE",
     "HoverInstances",
     "PostprocessConstants",
     "PostprocessOptions",
@@ -77,7 +78,8 @@ _MIN_SIZE = 10
 _OPENING = 5
 _MAX_SOBEL_KSIZE = 31  # the largest aperture cv2.Sobel accepts
 _MAX_TYPES = 256  # bounds the (nuclei × types) vote table
-_MAX_UPSAMPLE = 4  # 16x the map pixels already; more buys nothing at any model resolution
+MAX_UPSAMPLE = 4
+"""Largest ``upsample`` factor: 16x the map pixels already; more buys nothing at any model resolution."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,11 +137,11 @@ class PostprocessOptions:
     def __post_init__(self) -> None:
         for name in ("np_threshold", "marker_threshold"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value)):
+            if isinstance(value, bool) or not _finite_number(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if (isinstance(self.upsample, bool) or not isinstance(self.upsample, int | np.integer)
-                or not 1 <= self.upsample <= _MAX_UPSAMPLE):
-            raise ValueError(f"upsample must be an integer in 1..{_MAX_UPSAMPLE}, got {self.upsample!r}")
+                or not 1 <= self.upsample <= MAX_UPSAMPLE):
+            raise ValueError(f"upsample must be an integer in 1..{MAX_UPSAMPLE}, got {self.upsample!r}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> PostprocessOptions:
@@ -159,7 +161,7 @@ def upsample_maps(
     size = (w * factor, h * factor)
 
     def linear(a: NDArray) -> NDArray:
-        return cv2.resize(_as_float32(np.asarray(a)), size, interpolation=cv2.INTER_LINEAR)
+        return cv2.resize(_as_float32(a), size, interpolation=cv2.INTER_LINEAR)
 
     fine_types: NDArray | None = None
     if types is not None:
@@ -188,6 +190,10 @@ def segment_maps(
         np_prob, hv, types = upsample_maps(np_prob, hv, types, factor)
     return hover_instances(np_prob, hv, types, mpp=mpp / factor, np_threshold=options.np_threshold,
                            marker_threshold=options.marker_threshold)
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and math.isfinite(value)
 
 
 def _nearest_odd(value: float) -> int:
@@ -652,7 +658,7 @@ def _options(
 ) -> PostprocessConstants:
     constants = scaled_constants(mpp)
     for name, value in (("np_threshold", np_threshold), ("marker_threshold", marker_threshold)):
-        if not (isinstance(value, numbers.Real) and math.isfinite(value)):
+        if not _finite_number(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if min_size is not None:
         if not isinstance(min_size, int | np.integer) or min_size < 0:
