@@ -113,6 +113,11 @@ class TrainConfig(_Strict):
     """Start from these weights (fine-tuning): a training checkpoint, or an exported ONNX model such as
     a shipped one (BatchNorm folded by the export is rebuilt and recalibrated); optimiser and step
     start afresh."""
+    loader_workers: int = Field(0, ge=0)
+    """Processes that draw and augment batches ahead of the model (0: in the training process).
+    Batch ``k`` depends only on (seed, k), so the count never changes what is trained on."""
+    mixed_precision: Literal["none", "bf16"] = "none"
+    """Run the network's forward pass under bfloat16 autocast (CUDA; losses stay float32)."""
     channels_last: bool = False
     """Train in channels-last memory format: 2-3x faster convolution backward on CPU (oneDNN).
     Off by default: oneDNN 3.x in torch 2.13 corrupts memory in the backward pass of strided 1x1

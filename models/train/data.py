@@ -31,6 +31,7 @@ __all__ = [
     "load_items",
     "resample_image",
     "resample_labels",
+    "source_location",
     "split_items",
 ]
 
@@ -66,6 +67,13 @@ class Item:
 
     def __repr__(self) -> str:
         return f"Item({self.name!r}, group={self.group!r}, shape={self.inst.shape}, typed={self.typed})"
+
+
+def source_location(source: str) -> str:
+    """The file or folder, under the data root, that holds a source's images."""
+    if source not in _SOURCE_FILES:
+        raise ValueError(f"unknown data source {source!r}; known: {SOURCES}")
+    return _SOURCE_FILES[source][0]
 
 
 def resample_image(image: NDArray[np.uint8], factor: float) -> NDArray[np.uint8]:

@@ -7,13 +7,15 @@ import logging
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from models.card import read_card
@@ -93,6 +95,46 @@ class _Running:
         for key, value in terms.items():
             old = self.values.get(key)
             self.values[key] = value if old is None else self.decay * old + (1 - self.decay) * value
+
+
+class _Batches(Dataset[dict[str, torch.Tensor]]):
+    """Batches ``start .. stop - 1`` of a sampler, for a DataLoader's worker processes."""
+
+    def __init__(self, sampler: PatchSampler, start: int, stop: int, batch_size: int) -> None:
+        self.sampler, self.start, self.stop, self.batch_size = sampler, start, stop, batch_size
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.sampler.batch(self.start + index, self.batch_size)
+
+
+def _quiet_worker(_: int) -> None:
+    # each worker augments one batch at a time: nested thread pools only oversubscribe the cores
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def _batches(
+    sampler: PatchSampler, config: TrainConfig, start: int, device: torch.device
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Training batches ``start .. steps - 1``, drawn in worker processes when the config asks."""
+    if not config.loader_workers:
+        return (sampler.batch(step, config.batch_size) for step in range(start, config.steps))
+    loader = DataLoader(
+        _Batches(sampler, start, config.steps, config.batch_size),
+        batch_size=None,
+        shuffle=False,
+        num_workers=config.loader_workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4,
+        worker_init_fn=_quiet_worker,
+        # fork after the parent has used its OpenMP pool can deadlock the children
+        multiprocessing_context="spawn",
+        persistent_workers=False,
+    )
+    return iter(loader)
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
@@ -191,11 +233,16 @@ def run_training(
 
     running = _Running()
     model.train()
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed patch size: pick the fastest kernels once
+    bf16 = config.mixed_precision == "bf16"
     bar = tqdm(total=config.steps, initial=start, disable=not progress, mininterval=5.0, desc=config.name)
-    for step in range(start, config.steps):
-        batch = {k: v.to(dev, non_blocking=True) for k, v in sampler.batch(step, config.batch_size).items()}
+    for step, drawn in enumerate(_batches(sampler, config, start, dev), start=start):
+        batch = {k: v.to(dev, non_blocking=True) for k, v in drawn.items()}
         batch["image"] = batch["image"].contiguous(memory_format=memory_format)
-        loss, terms = loss_fn(model(batch["image"]), batch)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            outputs = model(batch["image"])
+        loss, terms = loss_fn({k: v.float() for k, v in outputs.items()}, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}: {terms}")
         optimizer.zero_grad(set_to_none=True)

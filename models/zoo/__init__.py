@@ -9,7 +9,7 @@ __all__ = ["DEFAULT_MODEL_FILE", "ZOO_DIR", "default_model", "list_models"]
 ZOO_DIR = Path(__file__).resolve().parent
 """Folder holding the bundled model files."""
 
-DEFAULT_MODEL_FILE = "hoverserve-conic-v2.onnx"
+DEFAULT_MODEL_FILE = "hoverserve-conic-wide.onnx"
 """File name of the default model inside :data:`ZOO_DIR`."""
 
 
