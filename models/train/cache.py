@@ -14,6 +14,7 @@ import argparse
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,7 @@ def write_cache(items: Iterable[Item], out: str | Path) -> int:
             continue
         location.mkdir(parents=True, exist_ok=True)
         for item in group:
-            arrays = {"image": item.image, "inst": item.inst, "mpp": np.float64(item.mpp)}
+            arrays: dict[str, Any] = {"image": item.image, "inst": item.inst, "mpp": np.float64(item.mpp)}
             if item.types is not None:
                 arrays["type_map"] = item.types
             np.savez_compressed(location / f"{item.name}.npz", **arrays)
@@ -51,14 +52,14 @@ def write_cache(items: Iterable[Item], out: str | Path) -> int:
 
 def _write_stacked(items: list[Item], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {
+    arrays: dict[str, Any] = {
         "images": np.stack([item.image for item in items]),
         "inst": np.stack([item.inst for item in items]),
         "names": np.array([item.name for item in items]),
         "mpp": np.float64(items[0].mpp),
     }
     if all(item.types is not None for item in items):
-        arrays["type_map"] = np.stack([item.types for item in items])  # type: ignore[misc]
+        arrays["type_map"] = np.stack([item.types for item in items if item.types is not None])
     np.savez_compressed(path, **arrays)
 
 

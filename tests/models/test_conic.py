@@ -66,7 +66,7 @@ def test_bad_arguments_raise(kwargs: dict) -> None:
 
 
 def test_builders_registry_names_every_builder() -> None:
-    assert {"conic", "conic-small", "conic-tiny"} <= set(BUILDERS)
+    assert {"conic", "conic-wide", "conic-small", "conic-tiny"} <= set(BUILDERS)
     for build in BUILDERS.values():
         assert isinstance(build(5), ConicNet)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,3 +97,24 @@ def test_init_from_starts_from_another_runs_weights(tmp_path: Path) -> None:
     for key, value in model.state_dict().items():
         if key.endswith("weight") and "bn" not in key:
             torch.testing.assert_close(state[key], value, atol=1e-6, rtol=0)
+
+
+def test_loader_workers_train_on_exactly_the_same_batches(tmp_path: Path) -> None:
+    # batch k depends only on (seed, k), so drawing batches in worker processes changes nothing
+    inline = run_training(_config(tmp_path / "a", steps=3), device="cpu", progress=False)
+    workers = run_training(_config(tmp_path / "b", steps=3, loader_workers=2), device="cpu", progress=False)
+    a = torch.load(inline, weights_only=True)["model"]
+    b = torch.load(workers, weights_only=True)["model"]
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, atol=0, rtol=0)
+
+
+def test_bf16_autocast_trains_with_float32_losses(tmp_path: Path) -> None:
+    checkpoint = run_training(
+        _config(tmp_path, steps=2, mixed_precision="bf16"), device="cpu", progress=False
+    )
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["step"] == 2
+    assert all(v.dtype == torch.float32 for k, v in state["model"].items() if v.is_floating_point())
+    record = json.loads((checkpoint.parent / "log.jsonl").read_text().splitlines()[-1])
+    assert all(np.isfinite(v) for v in record.values())
