@@ -130,9 +130,9 @@ def _batches(
         pin_memory=device.type == "cuda",
         prefetch_factor=4,
         worker_init_fn=_quiet_worker,
-        # fork after the parent has used its OpenMP pool can deadlock the children
+        # fork after the parent has used its OpenMP pool can deadlock the children; spawn costs a
+        # few seconds at start (each worker imports torch and receives the items)
         multiprocessing_context="spawn",
-        persistent_workers=False,
     )
     return iter(loader)
 
