@@ -239,6 +239,18 @@ def _cmd_model_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_model_cache_data(args: argparse.Namespace) -> int:
+    from models.train.cache import write_cache
+    from models.train.config import DEFAULT_DATA_ROOT
+    from models.train.data import SOURCES, load_items
+
+    root = args.data_root or DEFAULT_DATA_ROOT
+    items = load_items(root, mpp=args.mpp, sources=args.sources or SOURCES)
+    written = write_cache(items, args.out)
+    print(f"wrote {written} images at {args.mpp} µm/px to {args.out}")
+    return 0
+
+
 def _cmd_model_info(args: argparse.Namespace) -> int:
     from models.card import read_card
 
@@ -391,6 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=_cmd_model_train)
+    p = msub.add_parser("cache-data",
+                        help="write the training data resampled to one resolution (to carry to a GPU box)")
+    p.add_argument("out", type=Path)
+    p.add_argument("--data-root", type=Path, help="the nuclei data sets (default: ../shared/data/nuclei)")
+    p.add_argument("--mpp", type=float, default=0.5, help="resolution to resample to (default 0.5)")
+    p.add_argument("--sources", nargs="+", metavar="SOURCE",
+                   help="consep_train consep_test monuseg cpm15 (default: all)")
+    p.set_defaults(func=_cmd_model_cache_data)
     p = msub.add_parser("info", help="print a model file's card")
     p.add_argument("model", nargs="?", help="ONNX file (default: the bundled model)")
     p.set_defaults(func=_cmd_model_info)

@@ -186,8 +186,7 @@ def segment_maps(
 
     The labels and nuclei are in the pixels of the upsampled grid."""
     factor = options.upsample
-    if factor > 1:
-        np_prob, hv, types = upsample_maps(np_prob, hv, types, factor)
+    np_prob, hv, types = upsample_maps(np_prob, hv, types, factor)
     return hover_instances(np_prob, hv, types, mpp=mpp / factor, np_threshold=options.np_threshold,
                            marker_threshold=options.marker_threshold)
 

@@ -5,25 +5,20 @@ image at start-up. Writing the resized items once gives a copy a quarter of the 
 travels to a GPU machine that cannot see ``../shared``: point ``data.root`` (or a ``../shared/data/
 nuclei`` link) at the copy and train with the same ``mpp``; nothing is resampled twice.
 
-``python -m models.train.cache OUT [--root DIR] [--mpp 0.5]``
+``hoverserve model cache-data OUT [--data-root DIR] [--mpp 0.5]``
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from models.train.config import DEFAULT_DATA_ROOT
-from models.train.data import SOURCES, Item, load_items, source_location
+from models.train.data import Item, source_location
 
 __all__ = ["write_cache"]
-
-logger = logging.getLogger(__name__)
 
 
 def write_cache(items: Iterable[Item], out: str | Path) -> int:
@@ -61,19 +56,3 @@ def _write_stacked(items: list[Item], path: Path) -> None:
     if all(item.types is not None for item in items):
         arrays["type_map"] = np.stack([item.types for item in items if item.types is not None])
     np.savez_compressed(path, **arrays)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the training data resampled to one resolution.")
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--root", type=Path, default=DEFAULT_DATA_ROOT)
-    parser.add_argument("--mpp", type=float, default=0.5)
-    parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    written = write_cache(load_items(args.root, mpp=args.mpp, sources=args.sources), args.out)
-    logger.info("wrote %d items to %s", written, args.out)
-
-
-if __name__ == "__main__":
-    main()

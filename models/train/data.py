@@ -126,7 +126,7 @@ def _consep_group(name: str) -> str:
 
 
 def _read_source(root: Path, source: str, mpp: float, limit: int | None) -> Iterable[Item]:
-    path, typed = _SOURCE_FILES[source]
+    path, typed = source_location(source), _SOURCE_FILES[source][1]
     for im in itertools.islice(read_labelled(root / path), limit):
         # CoNSeP crops of one source image form a group; the other sets have one image per source.
         group = _consep_group(im.name) if source.startswith("consep") else im.name
@@ -157,8 +157,6 @@ def load_items(
     root = Path(root)
     items: list[Item] = []
     for source in sources:
-        if source not in _SOURCE_FILES:
-            raise ValueError(f"unknown data source {source!r}; known: {SOURCES}")
         loaded = list(_read_source(root, source, mpp, limit))
         logger.info("loaded %d items from %s", len(loaded), source)
         items += loaded

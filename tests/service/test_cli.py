@@ -192,3 +192,20 @@ def test_set_postprocess_writes_a_copy_with_the_new_options(oracle_model: Path, 
     assert main(["model", "set-postprocess", str(tmp_path / "none.onnx"), "-o", str(tmp_path / "y.onnx"),
                  "--upsample", "2"]) == EXIT_USAGE
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "y.onnx").exists()
+
+
+def test_cache_data_writes_what_training_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from models.train.data import load_items
+
+    nuclei = SHARED / "data" / "nuclei"
+    out = tmp_path / "cache"
+    assert main(["model", "cache-data", str(out), "--data-root", str(nuclei), "--sources", "cpm15"]) == 0
+    assert "wrote 15 images at 0.5 µm/px" in capsys.readouterr().out
+    cached = load_items(out, mpp=0.5, sources=["cpm15"])
+    assert [i.name for i in cached] == [i.name for i in load_items(nuclei, mpp=0.5, sources=["cpm15"])]
+
+
+def test_cache_data_names_an_unknown_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["model", "cache-data", str(tmp_path), "--sources", "pannuke"]) == EXIT_USAGE
+    assert "unknown data source 'pannuke'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.train.cache import main, write_cache
+from models.train.cache import write_cache
 from models.train.data import load_items, source_location
 
 SHARED = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "nuclei"
@@ -36,7 +36,7 @@ def test_cache_reads_back_the_same_items_in_the_same_order(tmp_path: Path) -> No
 
 
 def test_cache_is_smaller_than_the_source_and_not_resampled_again(tmp_path: Path) -> None:
-    main([str(tmp_path), "--root", str(SHARED), "--sources", "cpm15", "--mpp", "0.5"])
+    write_cache(load_items(SHARED, mpp=0.5, sources=["cpm15"]), tmp_path)
     cached = load_items(tmp_path, mpp=0.5, sources=["cpm15"])
     _same(load_items(SHARED, mpp=0.5, sources=["cpm15"]), cached)
     size = sum(p.stat().st_size for p in (tmp_path / "cpm15").glob("*.npz"))
