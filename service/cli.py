@@ -467,6 +467,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _error_types() as exc:
         print(f"hoverserve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        # training, export and data caching need the optional PyTorch extra; inference does not
+        if exc.name != "torch":
+            raise
+        print("hoverserve: error: this command needs PyTorch: pip install -e '.[torch]'", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("hoverserve: interrupted", file=sys.stderr)
         return 130

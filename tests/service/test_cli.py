@@ -209,3 +209,15 @@ def test_cache_data_names_an_unknown_source(tmp_path: Path, capsys: pytest.Captu
     assert main(["model", "cache-data", str(tmp_path), "--sources", "pannuke"]) == EXIT_USAGE
     assert "unknown data source 'pannuke'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_commands_that_need_torch_say_how_to_get_it(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import models.train
+
+    def no_torch(*args: object, **kwargs: object) -> None:
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(models.train, "train", no_torch)
+    assert main(["model", "train", "configs/smoke.yaml"]) == EXIT_USAGE
+    assert "needs PyTorch: pip install -e '.[torch]'" in capsys.readouterr().err
