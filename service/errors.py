@@ -7,8 +7,12 @@ Tree::
     ├── JobNotFound              404 job_not_found        no such job (or another key's)
     ├── ResultNotFound           404 result_not_found     the job has no output of that name
     ├── JobNotFinished           409 job_not_finished     results asked for before success
+    ├── JobNotRetryable          409 job_not_retryable    retry of a job that is not failed/cancelled
     ├── ResultsExpired           410 results_expired      the retention time has passed
+    ├── SlideNotFound            404 slide_not_found      slide_sha256 unknown, or not the caller's
+    ├── QuotaExceeded            429 quota_exceeded       the key's active jobs or stored bytes
     ├── BadUpload                400 <code>               empty upload, malformed form...
+    ├── UploadTimeout            408 upload_timeout       the upload stalled (connection closed)
     ├── UploadTooLarge           413 upload_too_large     over the configured limit
     ├── InvalidOptions           422 invalid_options      the ``options`` field is not valid
     ├── UnknownModel             422 unknown_model        no model of that name
@@ -21,6 +25,7 @@ Slide errors from :mod:`worker` (raised by the validation open) map to 422 with 
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,15 +40,20 @@ __all__ = [
     "InvalidOptions",
     "JobNotFinished",
     "JobNotFound",
+    "JobNotRetryable",
     "QueueUnavailable",
+    "QuotaExceeded",
     "ResultNotFound",
     "ResultsExpired",
     "ServiceError",
+    "SlideNotFound",
     "Unauthorized",
     "UnknownModel",
+    "UploadTimeout",
     "UploadTooLarge",
     "error_body",
     "install_handlers",
+    "public_message",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,9 +65,11 @@ class ServiceError(Exception):
     status = 500
     code = "internal_error"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = headers or {}
         if code is not None:
             self.code = code
 
@@ -74,8 +86,23 @@ class ResultNotFound(ServiceError):
     status, code = 404, "result_not_found"
 
 
+class SlideNotFound(ServiceError):
+    status, code = 404, "slide_not_found"
+
+
+class QuotaExceeded(ServiceError):
+    status, code = 429, "quota_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
 class JobNotFinished(ServiceError):
     status, code = 409, "job_not_finished"
+
+
+class JobNotRetryable(ServiceError):
+    status, code = 409, "job_not_retryable"
 
 
 class ResultsExpired(ServiceError):
@@ -84,6 +111,15 @@ class ResultsExpired(ServiceError):
 
 class BadUpload(ServiceError):
     status, code = 400, "bad_upload"
+
+
+class UploadTimeout(ServiceError):
+    """The client stopped sending its upload; the answer also closes the connection."""
+
+    status, code = 408, "upload_timeout"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
 
 
 class UploadTooLarge(ServiceError):
@@ -128,12 +164,49 @@ def _response(status: int, code: str, message: str, headers: dict[str, str] | No
 
 
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return _response(exc.status, exc.code, exc.message, headers)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    return _response(exc.status, exc.code, exc.message, {**headers, **exc.headers})
+
+
+# Paths: absolute or ~/ ./ ../ ones, URLs with a scheme (s3://...), Windows drive paths, and any
+# other token with two or more slashes (a relative store or cache folder); "µm/px" is no path.
+_PATH = re.compile(
+    r"(?<![\w.~/:-])(?:[A-Za-z][\w+.-]*://\S*|[A-Za-z]:\\\S*|(?:~|\.{1,2})?/[^\s'\"<>:,;()]+"
+    r"|[\w.-]+/[\w.-]+/[^\s'\"<>:,;()]*)")
+_FLAG_VALUE = re.compile(r"(?<![\w-])--([a-z][a-z-]*) (\d[\d.]*)")
+_PASS_FLAG = re.compile(r"\b(?:pass|use|give) --([a-z][a-z-]*)")
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z-]*)")
+
+
+def _option(flag: str) -> str:
+    return flag.removeprefix("no-").replace("-", "_")
+
+
+def public_message(text: str, name: str | None = None) -> str:
+    """A worker message as an API user should read it: no server paths, API options not CLI flags.
+
+    Parameters
+    ----------
+    text : str
+        e.g. ``"/tmp/u/3f.png has no resolution in its metadata; pass --mpp (... --mpp 0.25 ...)"``.
+    name : str, optional
+        The client's name for the slide, shown instead of a path (default: "the slide").
+
+    Returns
+    -------
+    str
+        e.g. ``'the slide has no resolution in its metadata; set "mpp" in options (... "mpp": 0.25 ...)'``.
+    """
+    # A path ends before the punctuation that follows it ("/tmp/x.svs: empty file").
+    text = _PATH.sub(lambda m: (name or "the slide") + m[0][len(m[0].rstrip(":,;.")):], text)
+    text = _FLAG_VALUE.sub(lambda m: f'"{_option(m[1])}": {m[2]}', text)
+    text = _PASS_FLAG.sub(lambda m: f'set "{_option(m[1])}" in options', text)
+    return _FLAG.sub(lambda m: f'"{_option(m[1])}" in options', text)
 
 
 async def _slide_error(request: Request, exc: Exception) -> JSONResponse:
-    return _response(422, slide_error_code(exc), str(exc))
+    # Worker messages are written for the command line: they name the file and CLI flags.
+    return _response(422, slide_error_code(exc), public_message(str(exc)))
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 
-from service.jobs import JobRecord
+from service.slides import SlideRegistry
 from service.store import Store
 
 __all__ = ["RetentionSweeper", "sweep"]
@@ -17,32 +17,19 @@ logger = logging.getLogger(__name__)
 def sweep(store: Store, *, max_age_s: float, now: float | None = None) -> list[str]:
     """Expire finished jobs older than ``max_age_s``; returns their ids.
 
-    The record stays (marked ``expired``) so clients learn what happened; a slide is deleted once
-    no unexpired job uses it.
+    Every file of an expired job goes; the record stays as a tombstone (marked ``expired``, no
+    results, no file name) so clients learn what happened. A slide goes with the last job that
+    references it (:class:`service.slides.SlideRegistry`).
     """
     now = time.time() if now is None else now
+    registry = SlideRegistry(store)
     expired: list[str] = []
-    keep_slides: set[str] = set()
-    records = list(store.records())
-    for record in records:
+    for record in store.records():
         finished_at = record.finished_at
         if record.finished and not record.expired and finished_at is not None \
                 and now - finished_at > max_age_s:
-            store.delete_job_data(record.id)
-
-            def mark(rec: JobRecord) -> None:
-                rec.expired = True
-                rec.results = []
-            store.update_record(record.id, mark)
+            registry.expire_job(record)
             expired.append(record.id)
-            logger.info("job %s: expired after %.0f s", record.id, now - finished_at)
-        elif not record.expired:
-            keep_slides.add(store.slide_key(record.slide.sha256, record.slide.ext))
-    for record in records:
-        key = store.slide_key(record.slide.sha256, record.slide.ext)
-        if record.id in expired and key not in keep_slides and store.exists(key):
-            store.delete(key)
-            keep_slides.add(key)  # deleted once
     return expired
 
 

@@ -48,9 +48,21 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, description="tries per task before the job fails")
     task_timeout_s: int = Field(default=1800, ge=10, description="seconds a single task may run (RQ)")
     embedded_threads: int = Field(default=1, ge=1, description="jobs run at once by the embedded queue")
+    lock_heartbeat_s: float = Field(
+        default=2.0, gt=0, description="seconds between heartbeats of the store's queue lock (embedded)")
+    lock_stale_beats: int = Field(
+        default=5, ge=2, description="missed lock heartbeats after which another serve takes the queue over")
     worker_dead_after_s: float = Field(
         default=10.0, gt=0, description="seconds without a worker heartbeat before its tasks are retried")
     queue_name: str = Field(default="hoverserve", min_length=1, description="RQ queue name")
+    upload_idle_timeout_s: float = Field(
+        default=60.0, gt=0, description="seconds an upload may send nothing before it is closed (408)")
+    quota_active_jobs: int = Field(
+        default=20, ge=1, description="queued + running jobs one key may have at once (429 beyond)")
+    quota_stored_gb: float = Field(
+        default=200.0, gt=0, description="GiB of slides one key may keep in the store (429 beyond)")
+    quota_retry_after_s: int = Field(
+        default=60, ge=1, description="Retry-After seconds sent with a 429 quota answer")
 
     @field_validator("api_keys")
     @classmethod

@@ -2,7 +2,8 @@
 
 Layout under the store's root (a local directory or ``s3://bucket/prefix``)::
 
-    slides/<sha256>.<ext>            uploaded slides, stored once per content
+    slides/<sha256>.<ext>            uploaded slides, stored once per content (the first upload's ext)
+    slide-refs/<sha256>/<owner digest>-<id>   empty: job <id> uses the slide (service.slides)
     jobs/<id>/job.json               the job record
     jobs/<id>/cancelled              marker: the job was cancelled (workers check it)
     jobs/<id>/prepared.pkl           the planned slide (regions, thumbnail) for region tasks
@@ -38,7 +39,7 @@ from service.errors import JobNotFound
 from service.jobs import JobRecord, JobState, is_job_id
 from worker.nuclei import NucleusTable
 
-__all__ = ["SLIDE_EXTENSIONS", "Progress", "Store", "load_table", "save_table"]
+__all__ = ["SLIDE_EXTENSIONS", "Progress", "Store", "load_table", "owner_digest", "save_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,11 @@ SLIDE_EXTENSIONS = frozenset({
 
 _TABLE_COLUMNS = ("centroid", "bbox", "area_um2", "perimeter_um", "solidity", "eccentricity", "type",
                   "type_prob", "np_prob", "vertices", "offsets", "region")
+
+
+def owner_digest(owner: str) -> str:
+    """The store's name for an owner (never the key or owner id itself): 32 hex digits."""
+    return hashlib.sha256(owner.encode()).hexdigest()[:32]
 
 
 def save_table(table: NucleusTable, **extra: Any) -> bytes:
@@ -197,7 +203,7 @@ class Store:
 
     @staticmethod
     def _owner_key(owner: str, *parts: str) -> str:
-        return "/".join(["owners", hashlib.sha256(owner.encode()).hexdigest()[:32], *parts])
+        return "/".join(["owners", owner_digest(owner), *parts])
 
     def _owner_entry(self, record: JobRecord) -> str:
         # Zero-padded creation time first: sorting the names sorts the jobs by age.

@@ -20,13 +20,16 @@ from service.errors import (
     InvalidOptions,
     JobNotFinished,
     JobNotFound,
+    QuotaExceeded,
     ResultNotFound,
     ResultsExpired,
     ServiceError,
+    SlideNotFound,
     slide_error_code,
 )
 from service.jobs import JobOptions, JobRecord, JobState, SlideRef, new_job_id, transition
 from service.schemas import ErrorBody, ErrorDetail, JobList, JobProgress, JobStatus, SlideInfo
+from service.slides import SlideRegistry, is_sha256
 from service.store import Store
 from service.uploads import Upload, receive_upload
 from worker.errors import SlideError
@@ -38,7 +41,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody} for status in (400, 401, 404, 409, 410, 413, 422, 503)}
+    status: {"model": ErrorBody} for status in (400, 401, 404, 409, 410, 413, 422, 429, 503)}
 
 _MEDIA_TYPES = {".json": "application/json", ".png": "image/png", ".zip": "application/zip",
                 ".gz": "application/gzip"}
@@ -78,6 +81,7 @@ def _status(record: JobRecord, services: Services, request: Request) -> JobStatu
             if record.state is JobState.RUNNING and record.started_at and done.regions:
                 elapsed = time.time() - record.started_at
                 progress.eta_seconds = elapsed / done.regions * (record.regions_total - done.regions)
+    progress.phase = "done" if record.finished else record.phase
     results = {}
     if record.state is JobState.SUCCEEDED and not record.expired:
         results = {name: str(request.url_for("get_result", job_id=record.id, name=name))
@@ -87,7 +91,7 @@ def _status(record: JobRecord, services: Services, request: Request) -> JobStatu
         id=record.id, state=record.state, created_at=record.created_at,
         started_at=record.started_at, finished_at=record.finished_at, model=record.model,
         options=record.options, progress=progress, error=error, results=results,
-        expired=record.expired,
+        expired=record.expired, retries=record.retries,
         slide=SlideInfo(name=record.slide.name, sha256=record.slide.sha256, bytes=record.slide.bytes),
     )
 
@@ -105,9 +109,16 @@ def _options(upload: Upload) -> JobOptions:
     try:
         return JobOptions.model_validate_json(text)
     except ValidationError as exc:
-        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}"
-                           for e in exc.errors())
-        raise InvalidOptions(f"bad options: {detail}") from exc
+        raise InvalidOptions("; ".join(_option_problem(e) for e in exc.errors())) from None
+
+
+def _option_problem(error: Any) -> str:
+    """One pydantic error in words naming the API option (``"mpp" in options: ...``)."""
+    where = ".".join(str(p) for p in error["loc"])
+    message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+    if not where:
+        return f"options: {message}"
+    return f'"{where}" in options: {message}'
 
 
 def _validate_slide(path: Path, options: JobOptions) -> None:
@@ -123,35 +134,81 @@ def _validate_slide(path: Path, options: JobOptions) -> None:
                     f"roi {list(options.roi)} lies outside the slide ({width} x {height} px)")
 
 
-def _store_upload(services: Services, upload: Upload, options: JobOptions) -> SlideRef:
-    """Validate the uploaded file and put it in the store (once per content)."""
+def _store_upload(services: Services, upload: Upload, options: JobOptions, owner: str,
+                  job_id: str) -> SlideRef:
+    """Validate the uploaded file and put it in the store (once per content, whatever the
+    extension), referenced by ``owner``'s job ``job_id``."""
     if upload.path is None:
         raise BadUpload("no file in the form field 'slide'", code="missing_slide")
     named = upload.path.with_name(f"{upload.path.name}.{upload.ext}")
     os.replace(upload.path, named)
     upload.path = named
     _validate_slide(named, options)
-    added = services.store.put_slide(named, upload.sha256, upload.ext)
+    registry = SlideRegistry(services.store)
+    _check_stored_bytes(services, owner, upload.sha256, upload.size)
+    # The reference first: a concurrent deletion of the last other reference then keeps the file.
+    registry.add_ref(upload.sha256, owner, job_id)
+    ext = registry.stored_ext(upload.sha256)
+    if ext is None:
+        ext = upload.ext
+        try:
+            services.store.put_slide(named, upload.sha256, ext)
+        except BaseException:
+            registry.release(upload.sha256, owner, job_id)
+            raise
+    else:
+        services.metrics.slides_deduplicated.inc()
     if not services.store.local:
         # Keep the file as the local cache copy so a worker on this host need not download it.
-        cached = services.store.cache_dir / f"{upload.sha256}.{upload.ext}"
+        cached = services.store.cache_dir / f"{upload.sha256}.{ext}"
         if not cached.exists():
             os.replace(named, cached)
-    if not added:
-        services.metrics.slides_deduplicated.inc()
-    return SlideRef(sha256=upload.sha256, ext=upload.ext, name=upload.name, bytes=upload.size)
+    return SlideRef(sha256=upload.sha256, ext=ext, name=upload.name, bytes=upload.size)
 
 
-def _referenced_slide(services: Services, sha256: str, name: str) -> SlideRef:
+def _referenced_slide(services: Services, sha256: str, name: str, options: JobOptions,
+                      owner: str, job_id: str) -> SlideRef:
+    """A stored slide named by hash: only one the caller's own jobs use (or used)."""
     sha256 = sha256.strip().lower()
-    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-        raise BadUpload("slide_sha256 must be a SHA-256 hex digest", code="bad_request")
-    for entry in services.store.names("slides"):
-        stem, _, ext = entry.partition(".")
-        if stem == sha256 and ext:
-            size = services.store.fs.size(services.store.path(services.store.slide_key(stem, ext)))
-            return SlideRef(sha256=stem, ext=ext, name=name or f"{stem[:12]}.{ext}", bytes=int(size))
-    raise BadUpload(f"no slide with sha256 {sha256} in the store", code="slide_not_found")
+    if not is_sha256(sha256):
+        raise BadUpload("slide_sha256 must be a SHA-256 hex digest (64 hex digits)",
+                        code="invalid_sha256")
+    registry = SlideRegistry(services.store)
+    ext = registry.stored_ext(sha256) if registry.owns(sha256, owner) else None
+    if ext is None:
+        # Another key's slide and an unknown hash get the same answer: nothing about others leaks.
+        raise SlideNotFound(f"no slide with sha256 {sha256} among your uploads")
+    _validate_slide(services.store.local_slide(sha256, ext), options)
+    registry.add_ref(sha256, owner, job_id)
+    size = services.store.fs.size(services.store.path(services.store.slide_key(sha256, ext)))
+    return SlideRef(sha256=sha256, ext=ext, name=name or f"{sha256[:12]}.{ext}", bytes=int(size))
+
+
+def _owner_records(services: Services, owner: str) -> list[JobRecord]:
+    return _read_records(services.store, services.store.owner_jobs(owner))
+
+
+def _check_active_jobs(services: Services, owner: str) -> None:
+    """429 when the key already has its quota of queued and running jobs."""
+    limit = services.settings.quota_active_jobs
+    active = sum(not r.finished for r in _owner_records(services, owner))
+    if active >= limit:
+        raise QuotaExceeded(
+            f"you have {active} queued or running jobs (quota {limit}); wait for one to finish "
+            "or cancel one", retry_after_s=services.settings.quota_retry_after_s)
+
+
+def _check_stored_bytes(services: Services, owner: str, sha256: str | None, size: int) -> None:
+    """429 when the key's stored slides (plus a new one of ``size`` bytes) exceed its quota."""
+    limit = int(services.settings.quota_stored_gb * 2**30)
+    slides = {r.slide.sha256: r.slide.bytes for r in _owner_records(services, owner) if not r.expired}
+    used = sum(slides.values())
+    new = 0 if sha256 in slides else size
+    if used + new > limit or (new == 0 and used >= limit and sha256 is None):
+        raise QuotaExceeded(
+            f"your stored slides take {used / 2**30:.2f} GiB (quota "
+            f"{services.settings.quota_stored_gb:g} GiB); delete finished jobs to free space",
+            retry_after_s=services.settings.quota_retry_after_s)
 
 
 # --------------------------------------------------------------------------- routes
@@ -167,19 +224,22 @@ async def create_job(request: Request, response: Response, services: ServicesDep
     optional ``options`` JSON. The slide is opened once with the workers' reader before the job is
     queued, so unreadable, non-RGB or absurd files are refused here (422)."""
     settings = services.settings
+    await run_in_threadpool(_check_active_jobs, services, owner)
+    await run_in_threadpool(_check_stored_bytes, services, owner, None, 0)
+    job_id = new_job_id()
     upload = await receive_upload(request, tmp_dir=services.store.cache_dir / "uploads",
-                                  limit=settings.max_upload_bytes, allow_missing=True)
+                                  limit=settings.max_upload_bytes,
+                                  idle_timeout=settings.upload_idle_timeout_s,
+                                  alternative="slide_sha256")
     try:
         options = _options(upload)
         model, _ = services.catalog.resolve(options.model)
         if upload.path is None:
             slide = await run_in_threadpool(
                 _referenced_slide, services, upload.fields.get("slide_sha256", ""),
-                upload.fields.get("name", ""))
-            await run_in_threadpool(
-                _validate_slide, services.store.local_slide(slide.sha256, slide.ext), options)
+                upload.fields.get("name", ""), options, owner, job_id)
         else:
-            slide = await run_in_threadpool(_store_upload, services, upload, options)
+            slide = await run_in_threadpool(_store_upload, services, upload, options, owner, job_id)
             services.metrics.upload_bytes.inc(upload.size)
     except (ServiceError, SlideError) as exc:
         code = exc.code if isinstance(exc, ServiceError) else slide_error_code(exc)
@@ -187,9 +247,14 @@ async def create_job(request: Request, response: Response, services: ServicesDep
         raise
     finally:
         upload.discard()
-    record = JobRecord(id=new_job_id(), owner=owner, slide=slide, options=options, model=model)
-    await run_in_threadpool(services.store.create_record, record)
-    await run_in_threadpool(services.queue.submit, record.id)
+    record = JobRecord(id=job_id, owner=owner, slide=slide, options=options, model=model)
+    try:
+        await run_in_threadpool(services.store.create_record, record)
+        await run_in_threadpool(services.queue.submit, record.id)
+    except BaseException:
+        # Not queued: leave nothing behind (record, owner entry, slide reference, unused slide).
+        await run_in_threadpool(SlideRegistry(services.store).delete_job, record)
+        raise
     services.metrics.jobs_submitted.inc()
     logger.info("job %s: queued (slide %s %s, model %s, owner %s)", record.id, slide.name,
                 slide.sha256[:12], model, owner)
@@ -281,6 +346,29 @@ def delete_job(job_id: str, request: Request, services: ServicesDep, owner: Owne
         logger.info("job %s: cancelled by %s", job_id, owner)
         return Response(_status(record, services, request).model_dump_json(),
                         media_type="application/json")
-    store.delete_job(record)
-    logger.info("job %s: deleted by %s", job_id, owner)
+    SlideRegistry(store).delete_job(record)
     return Response(status_code=204)
+
+
+@router.post("/{job_id}/retry", status_code=202, response_model=JobStatus, responses=_ERRORS,
+             summary="Retry a failed or cancelled job")
+def retry_job(job_id: str, request: Request, services: ServicesDep, owner: OwnerDep) -> JobStatus:
+    """Queue a failed or cancelled job again: the regions it already finished are kept, only
+    the missing ones run (a cancelled job's partial files are gone, so it starts over).
+    409 ``job_not_retryable`` for a job that is queued, running or succeeded."""
+    from service.errors import JobNotRetryable
+    from service.jobs import RETRYABLE_STATES, reopen
+
+    record = _own_record(services, job_id, owner)
+    if record.state not in RETRYABLE_STATES:
+        raise JobNotRetryable(f"job {job_id} is {record.state.value}; only a failed or cancelled "
+                              "job can be retried")
+    store = services.store
+    store.delete(store.job_key(job_id, "cancelled"))  # before the update: the marker always wins
+    record = store.update_record(job_id, reopen)
+    if record.state is not JobState.QUEUED:
+        raise JobNotRetryable(f"job {job_id} is {record.state.value}; only a failed or cancelled "
+                              "job can be retried")
+    services.queue.submit(job_id)
+    logger.info("job %s: retried by %s (retry %d)", job_id, owner, record.retries)
+    return _status(record, services, request)

@@ -12,6 +12,7 @@ import pytest
 from service.errors import JobNotFound
 from service.jobs import JobOptions, JobRecord, JobState, SlideRef, new_job_id, transition
 from service.retention import sweep
+from service.slides import SlideRegistry
 from service.store import Store, load_table, save_table
 from worker.nuclei import NucleusTable
 
@@ -25,6 +26,7 @@ def _record(store: Store, sha: str = "a" * 64, **fields) -> JobRecord:
     record = JobRecord(id=new_job_id(), owner="anonymous", model="oracle", options=JobOptions(),
                        slide=SlideRef(sha256=sha, ext="svs", name="s.svs", bytes=3), **fields)
     store.write_record(record)
+    SlideRegistry(store).add_ref(sha, record.owner, record.id)  # as the API does for every job
     return record
 
 
