@@ -11,6 +11,7 @@ from models.metrics.detection import (
     DetectionResult,
     detection_scores,
     pair_centroids,
+    point_scores,
 )
 from models.metrics.instance import (
     PQResult,
@@ -44,4 +45,5 @@ __all__ = [
     "multiclass_pq",
     "pair_centroids",
     "panoptic_quality",
+    "point_scores",
 ]

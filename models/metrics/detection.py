@@ -43,6 +43,7 @@ __all__ = [
     "DetectionResult",
     "detection_scores",
     "pair_centroids",
+    "point_scores",
 ]
 
 CLASS_F1_WEIGHTS: tuple[int, int, int, int] = (2, 2, 1, 1)
@@ -264,4 +265,51 @@ def detection_scores(
         class_ids = sorted(int(c) for c in np.unique(gt_cls) if c != 0)
     same = int(np.count_nonzero(pred_cls[pairs[:, 0]] == gt_cls[pairs[:, 1]]))
     counts = _class_counts(pred_cls, gt_cls, pairs, unpaired_pred, unpaired_gt, class_ids)
+    return DetectionResult.from_counts(tp, fp, fn, same_type=same, class_counts=counts)
+
+
+def point_scores(
+    pred_centroids: NDArray[np.floating],
+    pred_classes: NDArray[np.integer] | None,
+    gt_points: NDArray[np.floating],
+    gt_classes: NDArray[np.integer] | None,
+    *,
+    radius: float,
+    class_ids: Sequence[int] | None = None,
+) -> DetectionResult:
+    """Detection F1 and per-class F_c of one image against point (dot) annotations.
+
+    The same pairing and eq. 8 as :func:`detection_scores`, with the GT given as points (data
+    sets such as BRCA-M2C mark each cell by a dot and a class, without outlines).
+
+    Parameters
+    ----------
+    pred_centroids : (n, 2) float ndarray
+        Predicted nucleus centres, (x, y) pixels.
+    pred_classes : (n,) integer ndarray or None
+        Class id of each prediction; None (with ``gt_classes`` None) for detection only.
+    gt_points : (m, 2) float ndarray
+        Annotated points, (x, y) pixels.
+    gt_classes : (m,) integer ndarray or None
+        Class id of each point, in the predictions' class ids.
+    radius : float
+        Pairing radius in pixels.
+    class_ids : sequence of int, optional
+        Classes to score; default the classes present among the points.
+    """
+    pred = _check_points(pred_centroids, name="pred_centroids")
+    gt = _check_points(gt_points, name="gt_points")
+    if (pred_classes is None) != (gt_classes is None):
+        raise ValueError("pred_classes and gt_classes must be both given or both None")
+    pairs, unpaired_pred, unpaired_gt = pair_centroids(pred, gt, radius=radius)
+    tp, fp, fn = pairs.shape[0], unpaired_pred.size, unpaired_gt.size
+    if pred_classes is None or gt_classes is None:
+        return DetectionResult.from_counts(tp, fp, fn)
+    pred_cls = np.asarray(pred_classes, dtype=np.int64).reshape(-1)
+    gt_cls = np.asarray(gt_classes, dtype=np.int64).reshape(-1)
+    if pred_cls.shape[0] != pred.shape[0] or gt_cls.shape[0] != gt.shape[0]:
+        raise ValueError("one class per point is needed")
+    ids = sorted({int(c) for c in gt_cls} - {0}) if class_ids is None else list(class_ids)
+    same = int((pred_cls[pairs[:, 0]] == gt_cls[pairs[:, 1]]).sum())
+    counts = _class_counts(pred_cls, gt_cls, pairs, unpaired_pred, unpaired_gt, ids)
     return DetectionResult.from_counts(tp, fp, fn, same_type=same, class_counts=counts)
