@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
-import os
 import secrets
-import sys
-from pathlib import Path
+import socket
 from typing import Any
 
-from service.cli import _EXTRA_COMMANDS, UsageError, _positive_float, _roi
+from service import client_commands
+from service.cli import _EXTRA_COMMANDS, UsageError
 
 __all__ = ["register"]
 
@@ -22,15 +22,40 @@ def _settings(store: str | None):
     return Settings(**overrides)
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (raises UsageError naming the problem in one line)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: unknown host ({exc.strerror})") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no owner
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        hint = " (another server is using it?)" if exc.errno == errno.EADDRINUSE else ""
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.main import create_app
 
     settings = _settings(args.store)
-    app = create_app(settings)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                access_log=args.access_log)
+    # Bind first: a server that cannot listen must exit before it touches the store (it would
+    # otherwise take up, and then abandon, the store's jobs).
+    sock = _listen(args.host, args.port)
+    port = sock.getsockname()[1]
+    app = create_app(settings, port=port)
+    config = uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level,
+                            access_log=args.access_log)
+    with sock:
+        uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 
@@ -42,57 +67,6 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from service.queue.rq_queue import run_worker
 
     run_worker(settings, name=args.name, burst=args.burst)
-    return 0
-
-
-def _cmd_submit(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from service.client import Client, ClientError
-
-    slide = Path(args.slide)
-    if not slide.is_file():
-        raise UsageError(f"slide not found: {slide}")
-    options: dict[str, object] = {}
-    if args.model:
-        options["model"] = args.model
-    if args.mpp:
-        options["mpp"] = args.mpp
-    if args.roi:
-        options["roi"] = list(args.roi)
-    if args.no_tissue_mask:
-        options["tissue_mask"] = False
-    key = args.api_key or os.environ.get("HOVERSERVE_API_KEY")
-    with Client(args.server, api_key=key) as client:
-        try:
-            job = client.submit(slide, options=options)
-            print(job["id"])
-            if not args.wait and not args.out:
-                return 0
-            bar = tqdm(total=0, unit="region", desc=slide.name, disable=args.quiet,
-                       dynamic_ncols=True, file=sys.stderr)
-
-            def show(status: dict) -> None:
-                progress = status["progress"]
-                if progress.get("regions_total") is not None and bar.total != progress["regions_total"]:
-                    bar.reset(total=progress["regions_total"])
-                bar.n = progress.get("regions_done", 0)
-                bar.set_postfix(state=status["state"], nuclei=progress.get("nuclei", 0), refresh=False)
-                bar.refresh()
-
-            try:
-                final = client.wait(job["id"], interval=args.interval, on_progress=show)
-            finally:
-                bar.close()
-            if final["state"] != "succeeded":
-                error = final.get("error") or {}
-                print(f"job {job['id']} {final['state']}: {error.get('message', '')}", file=sys.stderr)
-                return 1
-            if args.out:
-                for path in client.download_all(job["id"], args.out):
-                    print(path)
-        except ClientError as exc:
-            raise UsageError(f"server answered {exc}") from exc
     return 0
 
 
@@ -128,19 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.set_defaults(func=_cmd_worker)
 
-    p = sub.add_parser("submit", help="send a slide to a server, follow it, download results")
-    p.add_argument("slide")
-    p.add_argument("--server", required=True, help="e.g. http://127.0.0.1:8000")
-    p.add_argument("--api-key", help="API key (default: $HOVERSERVE_API_KEY)")
-    p.add_argument("--wait", action="store_true", help="follow the job until it finishes")
-    p.add_argument("--out", help="download the results into this folder (implies --wait)")
-    p.add_argument("--model", help="model name (see GET /v1/models)")
-    p.add_argument("--mpp", type=_positive_float, help="µm per level-0 pixel override")
-    p.add_argument("--roi", type=_roi, help="x,y,w,h in level-0 pixels")
-    p.add_argument("--no-tissue-mask", action="store_true")
-    p.add_argument("--interval", type=_positive_float, default=1.0, help="seconds between polls")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_submit)
+    client_commands.register(sub)  # submit, jobs list|status|download|cancel|retry|delete
 
     p = sub.add_parser("key", help="API keys for HOVERSERVE_API_KEYS")
     ksub = p.add_subparsers(dest="key_command", required=True)
