@@ -69,6 +69,10 @@ class NucleusTable:
 
     All per-nucleus columns have length ``n``. Polygons are ragged: nucleus ``i`` owns
     ``vertices[offsets[i]:offsets[i + 1]]`` (x, y level-0 pixels, ring not closed).
+
+    ``measurements`` maps QuPath measurement names to one float32 value per nucleus (insertion
+    order is output order; NaN where undefined). ``cell_vertices``/``cell_offsets`` hold cell
+    boundaries the same way as the nuclei, or are None when cells were not asked for.
     """
 
     centroid: NDArray[np.float64] = field(default_factory=lambda: _empty((0, 2), np.float64))
@@ -83,6 +87,9 @@ class NucleusTable:
     vertices: NDArray[np.float32] = field(default_factory=lambda: _empty((0, 2), np.float32))
     offsets: NDArray[np.int64] = field(default_factory=lambda: _empty((1,), np.int64))
     region: NDArray[np.int32] = field(default_factory=lambda: _empty((0,), np.int32))
+    measurements: dict[str, NDArray[np.float32]] = field(default_factory=dict)
+    cell_vertices: NDArray[np.float32] | None = None
+    cell_offsets: NDArray[np.int64] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.centroid)
@@ -92,6 +99,26 @@ class NucleusTable:
                 raise ValueError(f"column {name!r} has length {len(getattr(self, name))}, expected {n}")
         if len(self.offsets) != n + 1 or self.offsets[-1] != len(self.vertices):
             raise ValueError("offsets must have n + 1 entries ending at len(vertices)")
+        for key, values in self.measurements.items():
+            if len(values) != n:
+                raise ValueError(f"measurement {key!r} has length {len(values)}, expected {n}")
+        if (self.cell_vertices is None) != (self.cell_offsets is None):
+            raise ValueError("cell_vertices and cell_offsets must be given together")
+        if self.cell_offsets is not None and self.cell_vertices is not None and (
+            len(self.cell_offsets) != n + 1 or self.cell_offsets[-1] != len(self.cell_vertices)
+        ):
+            raise ValueError("cell_offsets must have n + 1 entries ending at len(cell_vertices)")
+
+    @property
+    def has_cells(self) -> bool:
+        """Whether the table carries cell boundaries."""
+        return self.cell_offsets is not None
+
+    def cell_polygon(self, i: int) -> NDArray[np.float32]:
+        """Cell boundary (x, y) of nucleus ``i``, ring not closed (raises without cells)."""
+        if self.cell_vertices is None or self.cell_offsets is None:
+            raise ValueError("this table has no cell boundaries")
+        return self.cell_vertices[self.cell_offsets[i] : self.cell_offsets[i + 1]]
 
     def __len__(self) -> int:
         return len(self.centroid)
@@ -109,17 +136,20 @@ class NucleusTable:
 
     def take(self, index: NDArray[np.intp] | NDArray[np.bool_]) -> NucleusTable:
         """A new table with the selected rows (integer indices or boolean mask)."""
-        idx = np.flatnonzero(index) if np.asarray(index).dtype == bool else np.asarray(index)
-        lengths = np.diff(self.offsets)[idx]
-        pieces = [self.vertices[self.offsets[i] : self.offsets[i + 1]] for i in idx]
-        vertices = np.concatenate(pieces) if pieces else _empty((0, 2), np.float32)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        idx: NDArray[np.intp] = (np.flatnonzero(index) if np.asarray(index).dtype == bool
+                                 else np.asarray(index).astype(np.intp, copy=False))
+        vertices, offsets = _take_ragged(self.vertices, self.offsets, idx)
+        cell_vertices = cell_offsets = None
+        if self.cell_vertices is not None and self.cell_offsets is not None:
+            cell_vertices, cell_offsets = _take_ragged(self.cell_vertices, self.cell_offsets, idx)
         return NucleusTable(
             centroid=self.centroid[idx], bbox=self.bbox[idx], area_um2=self.area_um2[idx],
             perimeter_um=self.perimeter_um[idx], solidity=self.solidity[idx],
             eccentricity=self.eccentricity[idx], type=self.type[idx],
             type_prob=self.type_prob[idx], np_prob=self.np_prob[idx],
             vertices=vertices.astype(np.float32), offsets=offsets, region=self.region[idx],
+            measurements={k: v[idx] for k, v in self.measurements.items()},
+            cell_vertices=cell_vertices, cell_offsets=cell_offsets,
         )
 
     @classmethod
@@ -168,18 +198,56 @@ class NucleusTable:
 
     @classmethod
     def concat(cls, tables: Iterable[NucleusTable]) -> NucleusTable:
+        """One table of all rows, in order. Measurements missing from a table read NaN there;
+        cells must be in every non-empty table or in none."""
         tables = [t for t in tables if len(t)]
         if not tables:
             return cls()
-        shifts = np.cumsum([0] + [len(t.vertices) for t in tables[:-1]])
-        offsets = np.concatenate(
-            [[0]] + [t.offsets[1:] + s for t, s in zip(tables, shifts, strict=True)]
-        ).astype(np.int64)
+        offsets = _concat_offsets([t.offsets for t in tables])
         def cat(name: str) -> NDArray:
             return np.concatenate([getattr(t, name) for t in tables])
+        with_cells = {t.has_cells for t in tables}
+        if len(with_cells) > 1:
+            raise ValueError("cannot concatenate tables with and without cell boundaries")
+        cell_vertices = cell_offsets = None
+        if with_cells.pop():
+            cell_vertices = np.concatenate([t.cell_vertices for t in tables])
+            cell_offsets = _concat_offsets([t.cell_offsets for t in tables])
+        names = list(dict.fromkeys(k for t in tables for k in t.measurements))
+        measurements = {
+            k: np.concatenate([t.measurements.get(k, np.full(len(t), np.nan, np.float32))
+                               for t in tables]).astype(np.float32, copy=False)
+            for k in names
+        }
         return cls(
             centroid=cat("centroid"), bbox=cat("bbox"), area_um2=cat("area_um2"),
             perimeter_um=cat("perimeter_um"), solidity=cat("solidity"),
             eccentricity=cat("eccentricity"), type=cat("type"), type_prob=cat("type_prob"),
             np_prob=cat("np_prob"), vertices=cat("vertices"), offsets=offsets, region=cat("region"),
+            measurements=measurements, cell_vertices=cell_vertices, cell_offsets=cell_offsets,
         )
+
+
+def _concat_offsets(parts: Sequence[NDArray[np.int64] | None]) -> NDArray[np.int64]:
+    """Offsets of ragged arrays laid end to end."""
+    pieces: list[NDArray[np.int64]] = [np.zeros(1, np.int64)]
+    shift = 0
+    for offsets in parts:
+        if offsets is None:
+            raise ValueError("missing offsets")
+        pieces.append(np.asarray(offsets[1:], np.int64) + shift)
+        shift += int(offsets[-1])
+    return np.concatenate(pieces).astype(np.int64)
+
+
+def _take_ragged(
+    vertices: NDArray, offsets: NDArray[np.int64], idx: NDArray[np.intp]
+) -> tuple[NDArray, NDArray[np.int64]]:
+    """The rings ``idx`` of a ragged array, in that order (vectorised gather)."""
+    starts = offsets[:-1][idx]
+    lengths = (offsets[1:] - offsets[:-1])[idx]
+    new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    # Vertex k of the result comes from starts[ring] + (k - new_offsets[ring]).
+    ring = np.repeat(np.arange(len(idx)), lengths)
+    source = starts[ring] + (np.arange(int(new_offsets[-1])) - new_offsets[:-1][ring])
+    return vertices[source], new_offsets
