@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from worker.errors import UnsupportedSlide
+from worker.errors import SlideError, UnsupportedSlide
 from worker.slide.base import Slide, check_user_mpp
 from worker.slide.dicom_reader import DicomFrameSlide, WsiDicomSlide
 from worker.slide.image_reader import ImageSlide
@@ -56,6 +56,18 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
     """
     override = check_user_mpp(mpp)
     path = Path(path)
+    try:
+        return _open_any(path, override)
+    except SlideError:
+        raise
+    except Exception as exc:
+        # The reader libraries raise anything at all on damaged or hostile files (pydicom's
+        # BytesLengthException, a TypeError deep in tifffile...): such a file is unreadable, not
+        # a fault of ours.
+        raise UnsupportedSlide(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from exc
+
+
+def _open_any(path: Path, override: float | None) -> Slide:
     if not path.exists():
         raise UnsupportedSlide(f"{path}: no such file or directory")
     if path.is_dir():
