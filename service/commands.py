@@ -37,7 +37,6 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.close()
         hint = " (another server is using it?)" if exc.errno == errno.EADDRINUSE else ""
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from exc
-    sock.set_inheritable(True)
     return sock
 
 

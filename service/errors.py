@@ -32,7 +32,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from worker.errors import MissingResolution, NotRGBSlide, SlideError, TissueMaskError, UnsupportedSlide
+from worker.errors import (
+    MissingResolution,
+    NotRGBSlide,
+    SlideError,
+    SlideTooLarge,
+    TissueMaskError,
+    UnsupportedSlide,
+)
 
 __all__ = [
     "SLIDE_ERROR_CODES",
@@ -142,6 +149,7 @@ SLIDE_ERROR_CODES: dict[type[SlideError], str] = {
     NotRGBSlide: "not_rgb_slide",
     MissingResolution: "missing_resolution",
     UnsupportedSlide: "unsupported_slide",
+    SlideTooLarge: "slide_too_large",
 }
 """Error code of each slide error (checked in order; the base class gives ``invalid_slide``)."""
 
@@ -169,9 +177,10 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
 
 
 # Paths: absolute or ~/ ./ ../ ones, URLs with a scheme (s3://...), Windows drive paths, and any
-# other token with two or more slashes (a relative store or cache folder); "µm/px" is no path.
+# other token with two or more slashes (a relative store or cache folder); "µm/px" is no path,
+# nor is an API path (/v1/jobs/...).
 _PATH = re.compile(
-    r"(?<![\w.~/:-])(?:[A-Za-z][\w+.-]*://\S*|[A-Za-z]:\\\S*|(?:~|\.{1,2})?/[^\s'\"<>:,;()]+"
+    r"(?<![\w.~/:-])(?!/v1/)(?:[A-Za-z][\w+.-]*://\S*|[A-Za-z]:\\\S*|(?:~|\.{1,2})?/[^\s'\"<>:,;()]+"
     r"|[\w.-]+/[\w.-]+/[^\s'\"<>:,;()]*)")
 _FLAG_VALUE = re.compile(r"(?<![\w-])--([a-z][a-z-]*) (\d[\d.]*)")
 _PASS_FLAG = re.compile(r"\b(?:pass|use|give) --([a-z][a-z-]*)")

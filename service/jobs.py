@@ -6,14 +6,20 @@ writes it through :class:`service.store.Store`. State changes go through :func:`
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import uuid
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from worker.slide.base import MAX_MPP, MIN_MPP
+
 __all__ = [
+    "PHASES",
+    "RETRYABLE_STATES",
     "TERMINAL_STATES",
     "JobError",
     "JobOptions",
@@ -22,6 +28,7 @@ __all__ = [
     "SlideRef",
     "is_job_id",
     "new_job_id",
+    "reopen",
     "transition",
 ]
 
@@ -39,7 +46,14 @@ class JobState(StrEnum):
 
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-"""States a job never leaves."""
+"""States a job never leaves (except by an explicit :func:`reopen`, the retry route)."""
+
+RETRYABLE_STATES = frozenset({JobState.FAILED, JobState.CANCELLED})
+"""States ``POST /v1/jobs/{id}/retry`` accepts."""
+
+PHASES = ("queued", "preparing", "segmenting", "finalizing", "done")
+"""What a job is doing, finer than its state: ``preparing`` is the planning of the slide (state
+still ``queued``), ``segmenting`` the region tasks, ``finalizing`` the merge and outputs."""
 
 _ALLOWED = {
     JobState.QUEUED: {JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
@@ -48,17 +62,39 @@ _ALLOWED = {
 }
 
 
+_MAX_COORDINATE = 2**31 - 1
+"""Largest roi coordinate or size, level-0 px (far beyond any slide; keeps arithmetic in int64)."""
+
+
 class JobOptions(BaseModel):
     """What the client asked for (the ``options`` form field)."""
 
     model: str | None = Field(
         default=None, description="model name (GET /v1/models); default: the bundled one")
-    mpp: float | None = Field(default=None, ge=0.01, le=100, description="µm per level-0 pixel override")
+    mpp: float | None = Field(
+        default=None, description="µm per level-0 pixel override",
+        json_schema_extra={"minimum": MIN_MPP, "maximum": MAX_MPP})
     roi: tuple[int, int, int, int] | None = Field(default=None, description="x, y, w, h in level-0 pixels")
     tissue_mask: bool = Field(default=True, description="skip background (false: analyse everything)")
     region_size: int | None = Field(default=None, ge=64, le=8192, description="region core side, model px")
+    objects: Literal["detections", "cells"] = Field(
+        default="detections",
+        description="QuPath objects to write: nuclei as detections, or cells (nucleus plus a "
+                    "boundary 5 µm out, never overlapping a neighbour)")
 
     model_config = {"extra": "forbid"}
+
+    @field_validator("mpp")
+    @classmethod
+    def _check_mpp(cls, value: float | None) -> float | None:
+        # One range for every layer: the slide reader's (a value it would refuse is refused here).
+        if value is not None and not math.isfinite(value):
+            spelled = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+            raise ValueError(f"must be a finite number of µm per pixel, got {spelled}")
+        if value is not None and not MIN_MPP <= value <= MAX_MPP:
+            raise ValueError(f"must be between {MIN_MPP} and {MAX_MPP} µm per pixel, got {value:g} "
+                             "(e.g. 0.25 for a 40× scan, 0.5 for 20×)")
+        return value
 
     @field_validator("roi")
     @classmethod
@@ -67,6 +103,8 @@ class JobOptions(BaseModel):
             x, y, w, h = value
             if x < 0 or y < 0 or w <= 0 or h <= 0:
                 raise ValueError(f"roi wants x, y >= 0 and w, h > 0, got {list(value)}")
+            if max(value) > _MAX_COORDINATE:
+                raise ValueError(f"roi values must be at most {_MAX_COORDINATE} px, got {list(value)}")
         return value
 
 
@@ -101,6 +139,8 @@ class JobRecord(BaseModel):
     finished_at: float | None = None
     regions_total: int | None = None
     attempts: int = 0
+    retries: int = 0
+    phase: str = "queued"
     error: JobError | None = None
     results: list[str] = Field(default_factory=list)
     expired: bool = False
@@ -134,4 +174,18 @@ def transition(record: JobRecord, state: JobState, *, error: JobError | None = N
     if state is JobState.FAILED:
         record.error = error or JobError(code="failed", message="the job failed")
     record.state = state
+    return True
+
+
+def reopen(record: JobRecord) -> bool:
+    """Put a failed or cancelled job back in the queue in place (the retry route); False when its
+    state does not allow it. Its stored regions are kept, so only the missing ones run again."""
+    if record.state not in RETRYABLE_STATES:
+        return False
+    record.state = JobState.QUEUED
+    record.phase = "queued"
+    record.finished_at = None
+    record.error = None
+    record.attempts = 0
+    record.retries += 1
     return True

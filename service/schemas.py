@@ -38,6 +38,9 @@ class JobProgress(BaseModel):
     nuclei: int = Field(default=0, description="nuclei found so far (before seam merging)")
     fraction: float = Field(default=0.0, ge=0, le=1, description="regions_done / regions_total")
     eta_seconds: float | None = Field(default=None, description="estimated seconds to completion")
+    phase: str = Field(default="queued", description=(
+        "what the job is doing: queued, preparing (planning the slide; state still queued), "
+        "segmenting (regions), finalizing (merging, writing outputs), done (a final state)"))
 
 
 class SlideInfo(BaseModel):
@@ -59,6 +62,7 @@ class JobStatus(BaseModel):
     error: ErrorDetail | None = Field(default=None, description="why the job failed (state failed)")
     results: dict[str, str] = Field(default_factory=dict, description="output name → download URL")
     expired: bool = Field(default=False, description="the retention time passed; results were deleted")
+    retries: int = Field(default=0, description="times the job was retried (POST /v1/jobs/{id}/retry)")
 
 
 class JobList(BaseModel):

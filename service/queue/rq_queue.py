@@ -1,8 +1,12 @@
 """RQ on Redis: the job's tasks spread over any number of ``hoverserve worker`` processes.
 
 ``prepare`` fans out one RQ job per region and a ``finalize`` job that depends on all of them.
-Every RQ job carries the retry policy (``max_attempts``) and a timeout; when its last attempt
-fails, the failure callback marks the HoVerServe job failed with the reason.
+Every RQ job carries the retry policy (:class:`~service.queue.retry.RetryPolicy`: ``max_attempts``)
+and a timeout; errors the policy calls final (bad slides) fail the job at once, without a retry;
+when a task's last attempt fails, the failure callback marks the HoVerServe job failed with the
+reason. A job retried through the API gets fresh RQ job ids (``hs-<id>-<retries>-...``).
+
+The RQ workers own the tasks: no queue lock is needed, and the API never resumes jobs itself.
 
 Workers beat a short-lived Redis key; each worker's reaper hands the started tasks of a worker
 whose beat stopped (SIGKILL, lost host) back to RQ's abandoned-job handling, which retries them
@@ -15,19 +19,21 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from redis import Redis
 from rq import Callback, Queue, Retry, SimpleWorker, get_current_job
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.exceptions import AbandonedJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 
 from service.catalog import Catalog
+from service.errors import JobNotFound
 from service.queue import tasks
+from service.queue.retry import RetryPolicy, WorkerDied, describe_failure
 from service.queue.tasks import TaskContext
 from service.settings import Settings
 from service.store import Store
-from worker.errors import SlideError
 
 __all__ = ["RQQueue", "reap_abandoned", "run_worker"]
 
@@ -37,8 +43,12 @@ ALIVE_KEY = "hoverserve:alive:{0}"
 """Redis key a live worker keeps refreshing (value: its pid); expires when the worker dies."""
 
 
+_TASK_NAMES = {"prepare_task": "planning the slide", "finalize_task": "writing the results"}
+
+
 def _policy(settings: Settings) -> dict[str, Any]:
-    retries = settings.max_attempts - 1
+    """RQ enqueue options carrying the retry policy."""
+    retries = RetryPolicy(max_attempts=settings.max_attempts).retries
     return {
         "retry": Retry(max=retries) if retries > 0 else None,
         "job_timeout": settings.task_timeout_s,
@@ -54,41 +64,65 @@ def on_task_failure(job: Job, connection: Redis, exc_type: Any, exc: Any, tb: An
         logger.warning("job %s: task %s failed (%s), %s retries left", job.args[0], job.id,
                        exc_type.__name__ if exc_type else "?", job.retries_left)
         return
-    reason = f"task {(job.func_name or '?').rsplit('.', 1)[-1]} failed after all retries: "
-    reason += f"{exc_type.__name__}: {exc}" if exc_type else "abandoned"
+    if exc_type is AbandonedJobError or isinstance(exc, AbandonedJobError) or exc is None:
+        exc = WorkerDied(detail="its worker stopped beating")
+    name = (job.func_name or "?").rsplit(".", 1)[-1]
+    task = _TASK_NAMES.get(name, f"region {job.args[1]}" if len(job.args) > 1 else name)
+    attempts = RetryPolicy(max_attempts=tasks.get_context().settings.max_attempts).max_attempts
+    reason = describe_failure(exc, attempts=attempts, task=task)
     tasks.fail_job(job.args[0], exc if isinstance(exc, BaseException) else None, reason=reason)
 
 
 # --------------------------------------------------------------------------- RQ task functions
 
 
+def _final_errors_fail_now(fn: Callable[..., Any], job_id: str, *args: Any) -> Any:
+    """Run a task; an error the retry policy calls final fails the job now (RQ would retry it)."""
+    policy = RetryPolicy(max_attempts=tasks.get_context().settings.max_attempts)
+    try:
+        return fn(job_id, *args)
+    except JobNotFound:
+        logger.info("job %s: deleted; task %s dropped", job_id, fn.__name__)
+        return None
+    except Exception as exc:
+        if not policy.is_final(exc):
+            raise
+        logger.warning("job %s: %s: %s (final, no retry)", job_id, fn.__name__, exc)
+        tasks.fail_job(job_id, exc, reason=describe_failure(exc, attempts=1, task=fn.__name__))
+        return None
+
+
+def _rq_id(job_id: str, retries: int, part: str) -> str:
+    """The RQ job id of one task of a HoVerServe job (fresh ids for each API retry)."""
+    return f"hs-{job_id}-{part}" if retries == 0 else f"hs-{job_id}-{retries}-{part}"
+
+
 def prepare_task(job_id: str) -> int:
     """Plan the slide, then enqueue its region tasks and the finalize task."""
-    try:
-        indices = tasks.prepare_job(job_id)
-    except SlideError as exc:  # a bad slide stays bad: fail now, no retries
-        tasks.fail_job(job_id, exc)
-        return 0
+    indices = _final_errors_fail_now(tasks.prepare_job, job_id)
     if indices is None:
         return 0
     current = get_current_job()
     if current is None:
         raise RuntimeError("prepare_task must run inside an RQ worker")
     queue = Queue(current.origin, connection=current.connection)
-    policy = _policy(tasks.get_context().settings)
-    regions = [queue.enqueue(region_task, job_id, index, job_id=f"hs-{job_id}-r{index}", **policy)
+    ctx = tasks.get_context()
+    policy = _policy(ctx.settings)
+    retries = ctx.store.read_record(job_id).retries
+    regions = [queue.enqueue(region_task, job_id, index, job_id=_rq_id(job_id, retries, f"r{index}"),
+                             **policy)
                for index in indices]
-    queue.enqueue(finalize_task, job_id, job_id=f"hs-{job_id}-finalize", depends_on=regions or None,
-                  **policy)
+    queue.enqueue(finalize_task, job_id, job_id=_rq_id(job_id, retries, "finalize"),
+                  depends_on=regions or None, **policy)
     return len(indices)
 
 
 def region_task(job_id: str, index: int) -> int:
-    return tasks.run_region(job_id, index)
+    return _final_errors_fail_now(tasks.run_region, job_id, index) or 0
 
 
 def finalize_task(job_id: str) -> int:
-    return len(tasks.finalize_job(job_id))
+    return len(_final_errors_fail_now(tasks.finalize_job, job_id) or [])
 
 
 # --------------------------------------------------------------------------- API side
@@ -99,8 +133,10 @@ class RQQueue:
 
     kind = "redis"
 
-    def __init__(self, context: TaskContext) -> None:
+    def __init__(self, context: TaskContext, *, policy: RetryPolicy | None = None) -> None:
         self.settings = context.settings
+        self.store = context.store
+        self.policy = policy or RetryPolicy(max_attempts=self.settings.max_attempts)
         self.redis = Redis.from_url(self.settings.redis_url or "")
         self.queue = Queue(self.settings.queue_name, connection=self.redis)
 
@@ -111,7 +147,8 @@ class RQQueue:
         self.redis.ping()
 
     def submit(self, job_id: str) -> None:
-        self.queue.enqueue(prepare_task, job_id, job_id=f"hs-{job_id}-prepare",
+        retries = self.store.read_record(job_id).retries
+        self.queue.enqueue(prepare_task, job_id, job_id=_rq_id(job_id, retries, "prepare"),
                            **_policy(self.settings))
 
     def ready(self) -> bool:

@@ -23,12 +23,14 @@ from typing import Any
 from service.catalog import Catalog
 from service.errors import ServiceError, slide_error_code
 from service.jobs import JobError, JobRecord, JobState, transition
+from service.queue.retry import WorkerDied
 from service.settings import Settings
 from service.store import Store, load_table, save_table
 from worker.errors import SlideError, WorkerError
 
 __all__ = [
     "TaskContext",
+    "cleanup_cancelled",
     "fail_job",
     "finalize_job",
     "get_context",
@@ -102,7 +104,7 @@ def _options(record: JobRecord, model_path: Path, ctx: TaskContext):
         model=model_path, mpp=opts.mpp, roi=opts.roi,
         region_size=opts.region_size or ctx.settings.region_size,
         batch_size=ctx.settings.batch_size, workers=0, device=ctx.settings.device,  # type: ignore[arg-type]
-        tissue="auto" if opts.tissue_mask else "none",
+        tissue="auto" if opts.tissue_mask else "none", objects=opts.objects,
     )
 
 
@@ -113,6 +115,34 @@ def _active(job_id: str, ctx: TaskContext) -> JobRecord | None:
         logger.info("job %s: %s, task skipped", job_id, record.state.value)
         return None
     return record
+
+
+def _set_phase(job_id: str, phase: str, ctx: TaskContext) -> None:
+    def change(rec: JobRecord) -> None:
+        if not rec.finished:
+            rec.phase = phase
+
+    ctx.store.update_record(job_id, change)
+
+
+def cleanup_cancelled(job_id: str, ctx: TaskContext | None = None) -> bool:
+    """If the job was cancelled, remove its partial files (plan, regions, results); True if so.
+
+    Called after every write of a task: work still running when a job is cancelled cleans up
+    after itself, whichever queue ran it.
+    """
+    ctx = ctx or get_context()
+    if not ctx.store.is_cancelled(job_id):
+        return False
+    try:
+        if ctx.store.read_record(job_id).state is not JobState.CANCELLED:
+            return False  # it finished just before the cancel: its results stay
+    except ServiceError:
+        return True  # deleted meanwhile: nothing left to clean
+    ctx.store.delete_job_data(job_id)
+    _PREPARED.pop(job_id, None)
+    logger.info("job %s: cancelled; its partial files were removed", job_id)
+    return True
 
 
 def prepare_job(job_id: str) -> list[int] | None:
@@ -128,6 +158,7 @@ def prepare_job(job_id: str) -> list[int] | None:
     if not ctx.store.exists(ctx.store.job_key(job_id, "prepared.pkl")):
         from worker.pipeline import prepare_slide
 
+        _set_phase(job_id, "preparing", ctx)
         _, model_path = ctx.catalog.resolve(record.model)
         card = ctx.catalog.card(record.model)
         slide = ctx.store.local_slide(record.slide.sha256, record.slide.ext)
@@ -136,12 +167,15 @@ def prepare_job(job_id: str) -> list[int] | None:
         prepared.slide_info["name"] = record.slide.name
         prepared.slide_info["plan_seconds"] = time.perf_counter() - start
         ctx.store.write_prepared(job_id, prepared)
+        if cleanup_cancelled(job_id, ctx):
+            return None
     prepared = _prepared(job_id, ctx)
     total = len(prepared.plan.regions)
 
     def start_running(rec: JobRecord) -> None:
-        transition(rec, JobState.RUNNING)
-        rec.regions_total = total
+        if transition(rec, JobState.RUNNING):
+            rec.regions_total = total
+            rec.phase = "segmenting"
 
     ctx.store.update_record(job_id, start_running)
     logger.info("job %s: %d regions planned", job_id, total)
@@ -169,6 +203,8 @@ def run_region(job_id: str, index: int) -> int:
     seconds = time.perf_counter() - start
     data = save_table(table, worker=ctx.worker_name, seconds=seconds)
     ctx.store.write_region(job_id, index, data, len(table))
+    if cleanup_cancelled(job_id, ctx):
+        return -1
     logger.info("job %s: region %d: %d nuclei in %.2f s on %s", job_id, index, len(table), seconds,
                 ctx.worker_name)
     return len(table)
@@ -182,6 +218,7 @@ def finalize_job(job_id: str) -> list[str]:
     record = _active(job_id, ctx)
     if record is None:
         return []
+    _set_phase(job_id, "finalizing", ctx)
     prepared = _prepared(job_id, ctx)
     tables = []
     workers: dict[str, str] = {}
@@ -201,31 +238,58 @@ def finalize_job(job_id: str) -> list[str]:
     root = ctx.store.results_root(job_id)
     table, outputs = finalize(prepared, tables, fs=ctx.store.fs, root=root, card=card,
                               parameters=parameters, timings=timings)
+    _index_nuclei(root, ctx)
     names = sorted(name for name in outputs if name != "nuclei.zarr")
 
     def succeed(rec: JobRecord) -> None:
         if transition(rec, JobState.SUCCEEDED):
             rec.results = names
+            rec.phase = "done"
 
     ctx.store.update_record(job_id, succeed)
+    if cleanup_cancelled(job_id, ctx):
+        return []
     logger.info("job %s: succeeded, %d nuclei %s", job_id, len(table), class_counts(table, card))
     _PREPARED.pop(job_id, None)
     return names
 
 
-def fail_job(job_id: str, exc: BaseException | None, *, reason: str | None = None) -> None:
-    """Mark the job failed with the exception's reason (and traceback) or ``reason``."""
-    ctx = get_context()
+def _error_code(exc: BaseException | None) -> str:
+    """The job error code an exception stands for."""
     if isinstance(exc, SlideError):
-        code = slide_error_code(exc)
-    elif isinstance(exc, ServiceError):
-        code = exc.code
-    elif isinstance(exc, WorkerError):
-        code = "processing_error"
-    else:
-        code = "task_failed"
+        return slide_error_code(exc)
+    if isinstance(exc, WorkerDied):
+        return "worker_died"
+    if isinstance(exc, ServiceError):
+        return exc.code
+    if isinstance(exc, WorkerError):
+        return "processing_error"
+    return "task_failed"
+
+
+def _index_nuclei(root: str, ctx: TaskContext) -> None:
+    """Build the viewer's spatial index of the nuclei; a failure only defers it to first use."""
+    from worker.nuclei_index import build_index_from_results
+
+    try:
+        build_index_from_results(ctx.store.fs, root)
+    except (OSError, ValueError) as exc:
+        logger.warning("nuclei index not built now (%s); the viewer builds it on first use", exc)
+
+
+def fail_job(job_id: str, exc: BaseException | None, *, reason: str | None = None,
+             code: str | None = None) -> None:
+    """Mark the job failed with the exception's reason (and traceback) or ``reason``; ``code``
+    overrides the error code the exception implies."""
+    ctx = get_context()
+    code = code or _error_code(exc)
     message = reason or (f"{type(exc).__name__}: {exc}" if exc is not None else "the job failed")
     trace = "".join(traceback.format_exception(exc)) if exc is not None else None
     error = JobError(code=code, message=message, traceback=trace)
-    ctx.store.update_record(job_id, lambda rec: transition(rec, JobState.FAILED, error=error))
+
+    def fail(rec: JobRecord) -> None:
+        if transition(rec, JobState.FAILED, error=error):
+            rec.phase = "done"
+
+    ctx.store.update_record(job_id, fail)
     logger.warning("job %s: failed: %s", job_id, message)

@@ -5,12 +5,15 @@ One server per module; a restart on the same store checks that jobs and results 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from models.zoo import default_model, list_models
@@ -148,6 +151,65 @@ def test_submit_command_follows_the_job_and_downloads_results(
     printed = capsys.readouterr().out.split()
     assert len(printed[0]) == 32  # the job id first, then the downloaded files
     assert (out / "nuclei.geojson.gz").is_file() and (out / "manifest.json").is_file()
+
+
+def _task_processes(server: Server) -> list[psutil.Process]:
+    """The server's task processes (its spawned children other than multiprocessing's tracker)."""
+    found = []
+    for child in psutil.Process(server.pid).children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            cmdline = " ".join(child.cmdline())
+            if "spawn_main" in cmdline and "resource_tracker" not in cmdline:
+                found.append(child)
+    return found
+
+
+def test_cancel_stops_the_running_task_within_5_s_and_removes_partial_files(
+    server: Server, client: httpx.Client, home: Path
+) -> None:
+    job = submit(client, CMU1, {**ORACLE, "region_size": 256, "tissue_mask": False}).json()
+    deadline = time.monotonic() + 120
+    while client.get(f"/v1/jobs/{job['id']}").json()["progress"]["regions_done"] < 1:
+        assert time.monotonic() < deadline, "no region finished"
+        time.sleep(0.1)
+    running = client.get(f"/v1/jobs/{job['id']}").json()
+    assert running["state"] == "running" and running["progress"]["phase"] == "segmenting"
+    tasks = _task_processes(server)
+    assert len(tasks) == 1
+    folder = home / "store" / "jobs" / job["id"]
+    assert (folder / "prepared.pkl").is_file()
+
+    cancelled = client.delete(f"/v1/jobs/{job['id']}")
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    _, alive = psutil.wait_procs(tasks, timeout=5)
+    assert alive == [], "the task process still runs 5 s after the cancel"
+    deadline = time.monotonic() + 5
+    while {p.name for p in folder.iterdir()} != {"job.json", "cancelled"}:
+        assert time.monotonic() < deadline, sorted(p.name for p in folder.iterdir())
+        time.sleep(0.1)
+    final = client.get(f"/v1/jobs/{job['id']}").json()
+    assert final["state"] == "cancelled" and final["progress"]["phase"] == "done"
+    # the queue carries on with a fresh task process
+    small = submit(client, CMU1, {**ORACLE, "roi": [0, 0, 200, 200]}).json()
+    assert wait_for(client, small["id"])["state"] == "succeeded"
+
+
+def test_a_cancelled_job_can_be_retried_and_only_failed_or_cancelled_ones(
+    client: httpx.Client, finished_job: dict
+) -> None:
+    job = submit(client, CMU1, {**ORACLE, "roi": [0, 0, 300, 300], "tissue_mask": False}).json()
+    assert client.delete(f"/v1/jobs/{job['id']}").json()["state"] == "cancelled"
+    retried = client.post(f"/v1/jobs/{job['id']}/retry")
+    assert retried.status_code == 202, retried.text
+    assert retried.json()["state"] == "queued" and retried.json()["retries"] == 1
+    final = wait_for(client, job["id"])
+    assert final["state"] == "succeeded", final
+    assert final["progress"]["regions_done"] == final["progress"]["regions_total"] >= 1
+
+    again = client.post(f"/v1/jobs/{finished_job['id']}/retry")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "job_not_retryable"
+    missing = client.post(f"/v1/jobs/{'0' * 32}/retry")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"
 
 
 def test_jobs_and_results_survive_an_api_restart(

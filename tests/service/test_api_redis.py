@@ -154,3 +154,29 @@ def test_cancel_withdraws_the_jobs_queued_tasks(home: Path) -> None:
         assert queue.deferred_job_registry.get_job_ids() == []
         assert len(queue.canceled_job_registry.get_job_ids()) == 4
         assert client.get(f"/v1/jobs/{other}").json()["state"] == "queued"
+
+
+def test_a_retried_job_gets_fresh_tasks_and_an_api_restart_runs_nothing(home: Path) -> None:
+    # No worker serves this queue: what the API enqueues stays visible.
+    from rq import Queue
+
+    queue_name = f"test-retry-{uuid.uuid4().hex[:8]}"
+    env = service_env(home / "retry", redis_url=REDIS_URL, queue_name=queue_name)
+    queue = Queue(queue_name, connection=redis.Redis.from_url(REDIS_URL))
+    with Server(env, home / "retry-api.log") as server, server.client() as client:
+        job = submit(client, CMU1, OPTIONS).json()["id"]
+        assert queue.get_job_ids() == [f"hs-{job}-prepare"]
+        assert client.delete(f"/v1/jobs/{job}").json()["state"] == "cancelled"
+        assert queue.get_job_ids() == []
+
+        retried = client.post(f"/v1/jobs/{job}/retry")
+        assert retried.status_code == 202, retried.text
+        assert retried.json()["state"] == "queued" and retried.json()["retries"] == 1
+        assert retried.json()["progress"]["phase"] == "queued"
+        assert queue.get_job_ids() == [f"hs-{job}-1-prepare"]
+        again = client.post(f"/v1/jobs/{job}/retry")
+        assert again.status_code == 409 and again.json()["error"]["code"] == "job_not_retryable"
+    with Server(env, home / "retry-api-2.log") as server, server.client() as client:
+        assert client.get(f"/v1/jobs/{job}").json()["state"] == "queued"
+        assert queue.get_job_ids() == [f"hs-{job}-1-prepare"]  # RQ owns the tasks: no resume
+    assert not (home / "retry" / "store" / "locks").exists()  # and no store lock
