@@ -6,7 +6,8 @@ Tree::
     ├── SlideError               a slide cannot be used
     │   ├── UnsupportedSlide     unreadable, unknown format, truncated
     │   ├── NotRGBSlide          grey, 16-bit or multichannel (fluorescence) images
-    │   └── MissingResolution    no µm/px in the metadata and none given
+    │   ├── MissingResolution    no µm/px in the metadata and none given
+    │   └── SlideTooLarge        cannot be planned within the pixel budget (no low level)
     ├── TissueMaskError          a user-supplied tissue mask is unusable
     └── InferenceError           the model could not be loaded or run
 """
@@ -18,6 +19,7 @@ __all__ = [
     "MissingResolution",
     "NotRGBSlide",
     "SlideError",
+    "SlideTooLarge",
     "TissueMaskError",
     "UnsupportedSlide",
     "WorkerError",
@@ -42,6 +44,11 @@ class NotRGBSlide(SlideError):
 
 class MissingResolution(SlideError):
     """The slide states no resolution and the caller gave none."""
+
+
+class SlideTooLarge(SlideError):
+    """Planning the slide would decode more pixels than the budget allows: the slide is large
+    and has no low-resolution pyramid level (give an ROI, or convert it to a pyramid)."""
 
 
 class TissueMaskError(WorkerError):

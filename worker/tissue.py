@@ -30,6 +30,7 @@ __all__ = [
     "detect_tissue",
     "load_tissue_mask",
     "tissue_mask_for",
+    "tissue_mask_from",
 ]
 
 logger = logging.getLogger(__name__)
@@ -223,18 +224,23 @@ def detect_tissue(
 
 
 class TissueMask:
-    """A tissue mask over a whole slide at low resolution.
+    """A tissue mask over a slide (or the part of it planned) at low resolution.
 
     Parameters
     ----------
     mask : (h, w) bool ndarray
-        True on tissue; mask pixel (r, c) covers level-0 rows [r·d, (r+1)·d), columns
-        [c·d, (c+1)·d).
+        True on tissue; mask pixel (r, c) covers level-0 rows [y + r·d, y + (r+1)·d), columns
+        [x + c·d, x + (c+1)·d). Everything outside the mask is not tissue.
     downsample : float
         ``d``, level-0 pixels per mask pixel (> 0).
+    origin : (int, int)
+        ``(y, x)``, the level-0 (row, col) of the mask's top-left corner: (0, 0) for a mask of
+        the whole slide, the ROI's corner for one of the ROI alone.
     """
 
-    def __init__(self, mask: NDArray[np.bool_], downsample: float) -> None:
+    def __init__(
+        self, mask: NDArray[np.bool_], downsample: float, origin: tuple[int, int] = (0, 0)
+    ) -> None:
         if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.ndim != 2:
             raise TypeError(
                 f"mask must be a 2-D bool ndarray, got "
@@ -244,13 +250,17 @@ class TissueMask:
             raise ValueError(f"mask must not be empty, got shape {mask.shape}")
         if not math.isfinite(downsample) or downsample <= 0:
             raise ValueError(f"downsample must be a positive number, got {downsample}")
+        if len(origin) != 2 or any(isinstance(v, bool) or int(v) != v for v in origin):
+            raise ValueError(f"origin must be a (row, col) pair of ints, got {origin!r}")
         self.mask = mask
         self.downsample = float(downsample)
+        self.origin = (int(origin[0]), int(origin[1]))
 
     def __repr__(self) -> str:
         h, w = self.mask.shape
+        origin = "" if self.origin == (0, 0) else f", origin={self.origin}"
         return (
-            f"TissueMask(shape=({h}, {w}), downsample={self.downsample:.4g}, "
+            f"TissueMask(shape=({h}, {w}), downsample={self.downsample:.4g}{origin}, "
             f"area_fraction={self.area_fraction:.3f})"
         )
 
@@ -260,6 +270,8 @@ class TissueMask:
             return False
         d = self.downsample
         height, width = self.mask.shape
+        row0, row1 = row0 - self.origin[0], row1 - self.origin[0]
+        col0, col1 = col0 - self.origin[1], col1 - self.origin[1]
         r0, c0 = max(0, math.floor(row0 / d)), max(0, math.floor(col0 / d))
         r1, c1 = min(height, math.ceil(row1 / d)), min(width, math.ceil(col1 / d))
         if r1 <= r0 or c1 <= c0:
@@ -279,8 +291,14 @@ class TissueMask:
         return float(self.mask.sum()) * pixel_mm * pixel_mm
 
 
-def tissue_mask_for(slide: Slide, *, max_side: int = 2048) -> TissueMask:
-    """Detect tissue on the slide's thumbnail.
+def tissue_mask_for(
+    slide: Slide,
+    *,
+    max_side: int = 2048,
+    roi: tuple[int, int, int, int] | None = None,
+    budget: int | None = None,
+) -> TissueMask:
+    """Detect tissue on the slide's thumbnail, within the planning pixel budget.
 
     Parameters
     ----------
@@ -288,10 +306,49 @@ def tissue_mask_for(slide: Slide, *, max_side: int = 2048) -> TissueMask:
         An open slide.
     max_side : int
         Longest side of the thumbnail the mask is computed on, pixels.
+    roi : (x, y, w, h), optional
+        The level-0 region of interest: the mask covers only it when the slide has no pyramid
+        level small enough to be seen whole within the budget.
+    budget : int, optional
+        Most pixels decoded (default :data:`~worker.slide.base.PLANNING_PIXEL_BUDGET`).
+
+    Raises
+    ------
+    SlideTooLarge
+        If neither the whole slide nor the ROI can be seen within the budget.
     """
-    thumbnail, downsample = slide.thumbnail(max_side=max_side)
-    mask = TissueMask(detect_tissue(thumbnail), downsample)
-    logger.info("%s: tissue covers %.1f%% of the slide", slide.path, 100 * mask.area_fraction)
+    from worker.slide.base import PLANNING_PIXEL_BUDGET
+    from worker.slide.overview import planning_overviews
+
+    _, detail = planning_overviews(
+        slide, roi, max_side=max_side, budget=PLANNING_PIXEL_BUDGET if budget is None else budget
+    )
+    return tissue_mask_from(detail.image, detail.downsample, detail.origin, name=slide.path.name)
+
+
+def tissue_mask_from(
+    image: NDArray[np.uint8],
+    downsample: float,
+    origin: tuple[int, int] = (0, 0),
+    *,
+    name: str = "slide",
+) -> TissueMask:
+    """Detect tissue on a low-resolution image of a slide (or of part of it).
+
+    Parameters
+    ----------
+    image : (h, w, 3) uint8 ndarray
+        RGB image, background white.
+    downsample : float
+        Level-0 pixels per image pixel.
+    origin : (int, int)
+        Level-0 (row, col) of the image's top-left corner.
+    name : str
+        The slide's name, for the log.
+    """
+    mask = TissueMask(detect_tissue(image), downsample, origin)
+    where = "the slide" if origin == (0, 0) else f"the area at {origin}"
+    logger.info("%s: tissue covers %.1f%% of %s", name, 100 * mask.area_fraction, where)
     return mask
 
 

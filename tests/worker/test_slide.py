@@ -17,7 +17,7 @@ import tifffile
 from numpy.typing import NDArray
 from PIL import Image
 
-from worker.errors import MissingResolution, NotRGBSlide, UnsupportedSlide
+from worker.errors import MissingResolution, NotRGBSlide, SlideTooLarge, UnsupportedSlide
 from worker.slide import (
     DicomFrameSlide,
     ImageSlide,
@@ -27,7 +27,7 @@ from worker.slide import (
     WsiDicomSlide,
     open_slide,
 )
-from worker.slide.base import MAX_UNTILED_PIXELS, ChunkCache
+from worker.slide.base import MAX_UNTILED_PIXELS, PLANNING_PIXEL_BUDGET, ChunkCache
 from worker.slide.dicom_reader import quiet_dicom
 
 SLIDES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "slides"
@@ -565,7 +565,8 @@ class _FakeSlide(Slide):
 
 def test_thumbnails_of_single_level_slides_are_read_in_bounded_blocks() -> None:
     slide = _FakeSlide(((12_000, 8_000),))
-    thumbnail, downsample = slide.thumbnail(max_side=512)
+    # 96 Mpx is over the planning budget; memory stays bounded without one too.
+    thumbnail, downsample = slide.thumbnail(max_side=512, budget=None)
     assert thumbnail.shape == (512, math.ceil(8_000 / downsample), 3)
     assert downsample == pytest.approx(12_000 / 512)
     assert len(slide.reads) > 1
@@ -580,3 +581,75 @@ def test_thumbnails_use_the_pyramid_level_nearest_the_wanted_scale() -> None:
     thumbnail, _ = slide.thumbnail(max_side=2048)
     assert max(thumbnail.shape[:2]) == 2048
     assert {level for level, _, _ in slide.reads} == {2}  # downsample 16 ≤ 48.8 < 64
+
+
+# --- the planning pixel budget -----------------------------------------------------------------
+
+
+def test_thumbnail_cost_is_the_area_read_at_the_chosen_level_and_reads_nothing() -> None:
+    pyramid = _FakeSlide(((100_000, 80_000), (25_000, 20_000), (6_250, 5_000), (1_562, 1_250)))
+    assert pyramid.thumbnail_cost(max_side=2048) == 6_250 * 5_000
+    single = _FakeSlide(((100_000, 100_000),))
+    assert single.thumbnail_cost(max_side=2048) == 10**10
+    assert single.thumbnail_cost(max_side=2048, box=(40_000, 30_000, 300, 500)) == 300 * 500
+    assert pyramid.reads == [] and single.reads == []
+
+
+def test_a_thumbnail_over_the_budget_is_refused_before_any_read() -> None:
+    slide = _FakeSlide(((100_000, 100_000),))
+    with pytest.raises(SlideTooLarge, match=r"10,000,000,000 px of level 0 \(budget 268,435,456 px\); "):
+        slide.thumbnail(max_side=2048)
+    assert PLANNING_PIXEL_BUDGET == 268_435_456
+    with pytest.raises(SlideTooLarge, match="budget 1,000 px"):
+        _FakeSlide(((100, 100),)).thumbnail(max_side=64, budget=1_000)
+    assert slide.reads == []
+
+
+def test_a_thumbnail_of_a_box_shows_that_area_alone() -> None:
+    with open_slide(CMU) as slide:
+        region = slide.read(0, row=1000, col=700, height=900, width=600)
+        small, downsample = slide.thumbnail(max_side=2048, box=(1000, 700, 900, 600))
+        reduced, reduced_downsample = slide.thumbnail(max_side=300, box=(1000, 700, 900, 600))
+    np.testing.assert_array_equal(small, region)  # it fits: level 0, pixel for pixel
+    assert downsample == 1.0
+    assert reduced.shape == (300, 200, 3) and reduced_downsample == 3.0
+    expected = np.asarray(cv2.resize(region, (200, 300), interpolation=cv2.INTER_AREA), np.uint8)
+    assert _mean_abs_diff(reduced, expected) < 2
+
+
+def test_the_box_of_the_whole_slide_gives_the_plain_thumbnail() -> None:
+    with open_slide(CMU) as slide:
+        plain, plain_downsample = slide.thumbnail(max_side=500)
+        boxed, boxed_downsample = slide.thumbnail(max_side=500, box=(0, 0, 2967, 2220))
+    np.testing.assert_array_equal(boxed, plain)
+    assert boxed_downsample == plain_downsample
+
+
+def test_a_box_reaching_past_the_slide_is_white_there() -> None:
+    with open_slide(CMU) as slide:
+        image, _ = slide.thumbnail(max_side=2048, box=(2900, 2200, 100, 50))
+    assert image.shape == (100, 50, 3)
+    assert (image[67:] == 255).all() and (image[:, 20:] == 255).all()
+    assert (image[:67, :20] < 250).any()
+
+
+@pytest.mark.parametrize("box", [(0, 0, 0, 10), (0, 0, 10, -1), (0, 0, 10)])
+def test_a_bad_box_is_refused(box: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=r"box"):
+        _FakeSlide(((100, 100),)).thumbnail(box=box)  # type: ignore[arg-type]
+
+
+def test_images_decoded_at_open_cost_nothing_to_plan_but_tiffs_do(tmp_path: Path) -> None:
+    rgb = np.full((300, 200, 3), (200, 120, 180), np.uint8)
+    png = tmp_path / "slide.png"
+    Image.fromarray(rgb).save(png)
+    with open_slide(png, mpp=0.5) as image:
+        assert image.thumbnail_cost() == 0
+        thumbnail, _ = image.thumbnail(budget=0)  # its pixels are already in memory
+    np.testing.assert_array_equal(thumbnail, rgb)
+    tiff = tmp_path / "slide.tiff"
+    tifffile.imwrite(tiff, rgb, tile=(16, 16), photometric="rgb")
+    with TiffSlide(tiff, mpp=0.5) as tiled:
+        assert tiled.thumbnail_cost() == 300 * 200
+        with pytest.raises(SlideTooLarge):
+            tiled.thumbnail(budget=300 * 200 - 1)

@@ -10,7 +10,7 @@ import pytest
 from numpy.typing import NDArray
 from PIL import Image
 
-from worker.errors import TissueMaskError
+from worker.errors import SlideTooLarge, TissueMaskError
 from worker.slide import open_slide
 from worker.tissue import TissueMask, detect_tissue, load_tissue_mask, pen_mask, tissue_mask_for
 
@@ -185,6 +185,43 @@ def test_tissue_mask_for_a_slide_covers_the_slide() -> None:
     # About a third of 1.48 × 1.11 mm (0.499 µm/px).
     assert 0.4 < tissue.area_mm2(0.499) < 0.8
     assert not tissue.any_in(0, 0, 100, 100)  # the glass in the top-left corner
+
+
+
+def test_a_mask_with_an_origin_covers_only_its_area() -> None:
+    # The one-pixel mask shifted so that its corner sits at level-0 (1000, 2000).
+    mask = TissueMask(_one_pixel_mask().mask, 10.0, origin=(1000, 2000))
+    assert mask.any_in(1010, 2020, 1020, 2030)
+    assert not mask.any_in(10, 20, 20, 30)  # where the mask would be without the origin
+    assert not mask.any_in(0, 0, 1000, 2000)  # before the corner: not tissue
+    assert not mask.any_in(5000, 5000, 6000, 6000)  # past the mask: not tissue
+    assert mask.area_mm2(0.5) == pytest.approx((10 * 0.5 / 1000) ** 2)
+    assert "origin=(1000, 2000)" in repr(mask)
+    with pytest.raises(ValueError, match="origin"):
+        TissueMask(np.zeros((4, 4), bool), 1.0, origin=(1.5, 0))  # type: ignore[arg-type]
+
+
+def test_within_budget_the_mask_covers_the_whole_slide_even_with_an_roi() -> None:
+    with open_slide(SLIDES / "CMU-1-Small-Region.svs") as slide:
+        whole = tissue_mask_for(slide, max_side=512)
+        with_roi = tissue_mask_for(slide, max_side=512, roi=(500, 800, 300, 400))
+    assert with_roi.origin == (0, 0)
+    np.testing.assert_array_equal(with_roi.mask, whole.mask)
+
+
+def test_over_budget_the_mask_covers_the_roi_alone() -> None:
+    with open_slide(SLIDES / "CMU-1-Small-Region.svs") as slide:
+        # A budget below the whole slide (6.6 Mpx) but above the roi: the roi alone is read.
+        tissue = tissue_mask_for(slide, max_side=512, roi=(500, 800, 1000, 1200), budget=2_000_000)
+        roi = slide.read(0, row=800, col=500, height=1200, width=1000)
+        with pytest.raises(SlideTooLarge, match="roi"):
+            tissue_mask_for(slide, max_side=512, budget=2_000_000)
+    assert tissue.origin == (800, 500)
+    assert tissue.downsample == pytest.approx(1200 / 512)
+    reduced = cv2.resize(roi, tissue.mask.shape[::-1], interpolation=cv2.INTER_AREA)
+    expected = detect_tissue(np.asarray(reduced, np.uint8))
+    assert np.mean(tissue.mask == expected) > 0.95  # two downsamplers, one detector
+    assert not tissue.any_in(0, 0, 800, 500)  # outside the roi nothing is tissue
 
 
 # --- user masks ----------------------------------------------------------------------------------

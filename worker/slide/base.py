@@ -12,6 +12,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Hashable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -19,7 +20,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from worker.errors import MissingResolution
+from worker.errors import MissingResolution, SlideTooLarge
 
 __all__ = [
     "CHUNK_CACHE_BYTES",
@@ -28,6 +29,7 @@ __all__ = [
     "MAX_READ_PIXELS",
     "MAX_UNTILED_PIXELS",
     "MIN_MPP",
+    "PLANNING_PIXEL_BUDGET",
     "ChunkCache",
     "Slide",
     "check_user_mpp",
@@ -59,6 +61,12 @@ bytes per open slide."""
 
 MAX_READ_PIXELS = 1 << 28
 """Largest region one :meth:`Slide.read` call may ask for, pixels (768 MiB of RGB)."""
+
+PLANNING_PIXEL_BUDGET = 1 << 28
+"""Most pixels planning may decode for a slide's overview (thumbnail and tissue mask): a
+16384 × 16384 level, decoded in bounded blocks in well under a minute, so flat (single-level)
+exports of moderate size still plan. Slides without a level that small are planned from their
+ROI alone, or refused (:class:`~worker.errors.SlideTooLarge`)."""
 
 _THUMBNAIL_BLOCK = 4096
 """Side, in pixels of the level being read, of the blocks a thumbnail is assembled from, so the
@@ -205,6 +213,21 @@ class ChunkCache:
         """Drop every chunk."""
         self._items.clear()
         self._bytes = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _ThumbnailGeometry:
+    """A thumbnail's source ``level``, level (``scale``) and level-0 (``downsample``) pixels per
+    thumbnail pixel, output size, box corner in level pixels and box area in level pixels."""
+
+    level: int
+    scale: float
+    downsample: float
+    out_h: int
+    out_w: int
+    row: float
+    col: float
+    level_pixels: int
 
 
 def _check_int(name: str, value: object) -> int:
@@ -354,50 +377,113 @@ class Slide(abc.ABC):
             )
         return out
 
-    def thumbnail(self, *, max_side: int = 2048) -> tuple[NDArray[np.uint8], float]:
-        """Return a low-resolution RGB image of the whole slide.
+    def thumbnail(
+        self,
+        *,
+        max_side: int = 2048,
+        box: tuple[int, int, int, int] | None = None,
+        budget: int | None = PLANNING_PIXEL_BUDGET,
+    ) -> tuple[NDArray[np.uint8], float]:
+        """Return a low-resolution RGB image of the whole slide (or of a level-0 box).
 
         Reads the pyramid level closest to (not coarser than) the wanted scale, block by block,
-        so memory stays bounded even for a single-level 100k × 100k slide.
+        so memory stays bounded even for a single-level 100k × 100k slide; ``budget`` bounds the
+        time (the pixels decoded).
 
         Parameters
         ----------
         max_side : int
             Longest side of the result, pixels (>= 1).
+        box : (row, col, height, width), optional
+            The level-0 area to show (default: the whole slide); parts outside the slide are white.
+        budget : int or None
+            Most pixels the read may decode (see :meth:`thumbnail_cost`); ``None`` = no limit.
 
         Returns
         -------
         image : (h, w, 3) uint8 ndarray
             RGB thumbnail; ``max(h, w) <= max_side``. Thumbnail pixel (r, c) covers level-0
-            rows [r·d, (r+1)·d) and columns [c·d, (c+1)·d); the part of the last row/column that
-            lies beyond the slide is white.
+            rows [row + r·d, row + (r+1)·d) and columns [col + c·d, col + (c+1)·d); the last
+            row/column may reach past the box (slide pixels there, white beyond the slide).
         downsample : float
-            ``d``, level-0 pixels per thumbnail pixel (1.0 when the slide already fits).
+            ``d``, level-0 pixels per thumbnail pixel (1.0 when the box already fits).
+
+        Raises
+        ------
+        SlideTooLarge
+            If the read would decode more than ``budget`` pixels (no low-enough pyramid level).
         """
+        geometry = self._thumbnail_geometry(max_side, box)
+        cost = self.decoded_pixels(geometry.level, geometry.level_pixels)
+        if budget is not None and cost > budget:
+            raise SlideTooLarge(
+                f"{self.path.name}: a {geometry.out_w}×{geometry.out_h} px overview of "
+                f"{'the slide' if box is None else 'the area'} would decode {cost:,} px of "
+                f"level {geometry.level} (budget {budget:,} px); read a smaller area, or "
+                "convert the slide to a pyramidal TIFF"
+            )
+        out = np.empty((geometry.out_h, geometry.out_w, 3), dtype=np.uint8)
+        block = max(1, int(_THUMBNAIL_BLOCK / geometry.scale))
+        for r0 in range(0, geometry.out_h, block):
+            r1 = min(r0 + block, geometry.out_h)
+            for c0 in range(0, geometry.out_w, block):
+                c1 = min(c0 + block, geometry.out_w)
+                out[r0:r1, c0:c1] = self._thumbnail_block(geometry, r0, c0, r1, c1)
+        return out, geometry.downsample
+
+    def thumbnail_cost(
+        self, *, max_side: int = 2048, box: tuple[int, int, int, int] | None = None
+    ) -> int:
+        """Pixels :meth:`thumbnail` would decode with these arguments (reads nothing): the
+        box's area at the level the thumbnail is read from, as :meth:`decoded_pixels` counts."""
+        geometry = self._thumbnail_geometry(max_side, box)
+        return self.decoded_pixels(geometry.level, geometry.level_pixels)
+
+    def decoded_pixels(self, level: int, pixels: int) -> int:
+        """Pixels decoded to read ``pixels`` of ``level`` (0 for readers that decode at open)."""
+        return pixels
+
+    def _thumbnail_geometry(
+        self, max_side: int, box: tuple[int, int, int, int] | None
+    ) -> _ThumbnailGeometry:
         max_side = _check_int("max_side", max_side)
         if max_side < 1:
             raise ValueError(f"max_side must be >= 1, got {max_side}")
-        height0, width0 = self.shape
+        if box is None:
+            row, col, (height0, width0) = 0, 0, self.shape
+        else:
+            if len(box) != 4:
+                raise ValueError(f"box must be (row, col, height, width), got {box!r}")
+            row, col, height0, width0 = (_check_int(name, value) for name, value in
+                                         zip(("row", "col", "height", "width"), box, strict=True))
+            if height0 < 1 or width0 < 1:
+                raise ValueError(f"box height and width must be >= 1, got {height0}×{width0}")
         downsample = max(1.0, max(height0, width0) / max_side)
         out_h = min(max_side, math.ceil(height0 / downsample - 1e-9))
         out_w = min(max_side, math.ceil(width0 / downsample - 1e-9))
         level = self.best_level(downsample)
-        scale = downsample / self.level_downsamples[level]  # level pixels per thumbnail pixel
-        block = max(1, int(_THUMBNAIL_BLOCK / scale))
-        out = np.empty((out_h, out_w, 3), dtype=np.uint8)
-        for r0 in range(0, out_h, block):
-            r1 = min(r0 + block, out_h)
-            for c0 in range(0, out_w, block):
-                c1 = min(c0 + block, out_w)
-                out[r0:r1, c0:c1] = self._thumbnail_block(level, scale, r0, c0, r1, c1)
-        return out, downsample
+        level_downsample = self.level_downsamples[level]
+        level_pixels = math.ceil(height0 / level_downsample) * math.ceil(width0 / level_downsample)
+        return _ThumbnailGeometry(
+            level=level,
+            scale=downsample / level_downsample,  # level pixels per thumbnail pixel
+            downsample=downsample,
+            out_h=out_h,
+            out_w=out_w,
+            row=row / level_downsample,
+            col=col / level_downsample,
+            level_pixels=level_pixels,
+        )
 
     def _thumbnail_block(
-        self, level: int, scale: float, r0: int, c0: int, r1: int, c1: int
+        self, geometry: _ThumbnailGeometry, r0: int, c0: int, r1: int, c1: int
     ) -> NDArray[np.uint8]:
-        row0, col0 = math.floor(r0 * scale), math.floor(c0 * scale)
-        row1, col1 = max(row0 + 1, math.ceil(r1 * scale)), max(col0 + 1, math.ceil(c1 * scale))
-        pixels = self.read(level, row=row0, col=col0, height=row1 - row0, width=col1 - col0)
+        scale = geometry.scale
+        row0 = math.floor(geometry.row + r0 * scale)
+        col0 = math.floor(geometry.col + c0 * scale)
+        row1 = max(row0 + 1, math.ceil(geometry.row + r1 * scale))
+        col1 = max(col0 + 1, math.ceil(geometry.col + c1 * scale))
+        pixels = self.read(geometry.level, row=row0, col=col0, height=row1 - row0, width=col1 - col0)
         if pixels.shape[:2] == (r1 - r0, c1 - c0):
             return pixels
         resized = cv2.resize(pixels, (c1 - c0, r1 - r0), interpolation=cv2.INTER_AREA)

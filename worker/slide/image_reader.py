@@ -119,6 +119,10 @@ class ImageSlide(Slide):
         self._image = None
         return self._pixels
 
+    def decoded_pixels(self, level: int, pixels: int) -> int:
+        """0: the image was decoded whole at open (within Pillow's size limit); reads copy."""
+        return 0
+
     def _read_inside(
         self, level: int, row: int, col: int, height: int, width: int
     ) -> NDArray[np.uint8]:
