@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api import health, jobs, models
+from service.api import health, jobs, models, viewer, web
 
 __all__ = ["api_router"]
 
@@ -12,3 +12,5 @@ api_router = APIRouter()
 api_router.include_router(jobs.router)
 api_router.include_router(models.router)
 api_router.include_router(health.router)
+api_router.include_router(viewer.router)
+api_router.include_router(web.router)
