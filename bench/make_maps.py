@@ -38,6 +38,7 @@ from numpy.typing import NDArray
 
 __all__ = [
     "MAP_FILES",
+    "MODEL_MAP_FILES",
     "MapSet",
     "hv_targets",
     "load_map_set",
@@ -45,6 +46,7 @@ __all__ = [
     "mosaic",
     "noisy_maps",
     "write_map_set",
+    "write_model_maps",
 ]
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
@@ -76,7 +78,7 @@ class MapSet:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.np_prob.shape  # type: ignore[return-value]
+        return self.np_prob.shape
 
 
 def load_patches(sources: tuple[Path, ...] = PATCH_SOURCES) -> tuple[NDArray[np.int32], NDArray[np.uint8]]:
@@ -258,6 +260,64 @@ def write_map_set(
     return folder
 
 
+MODEL_MAP_FILES = ("np_prob.npy", "hv.npy", "types.npy", "meta.json")
+"""Files of a map set made by a real model (no annotation)."""
+
+DEFAULT_SLIDE = SHARED / "data" / "slides" / "CMU-1-Small-Region.svs"
+
+
+def write_model_maps(
+    directory: str | Path,
+    *,
+    slide: str | Path = DEFAULT_SLIDE,
+    model: str | Path | None = None,
+    size: int = 1024,
+    origin: tuple[int, int] = (600, 900),
+) -> Path:
+    """A real model's maps of one ``size``² region of a slide (level 0, read as is), written to
+    ``directory/model_<slide stem>_<size>/`` like a map set, without annotation. The region is
+    ``size`` rounded up to whole network tiles, ``origin`` down to their grid.
+
+    ``model`` defaults to the bundled default model; ``origin`` is the region's (x, y) on level
+    0. ``meta.json`` keeps the model's µm/px and its card's ``upsample``.
+    """
+    import openslide
+
+    from models.zoo import default_model
+    from worker.infer import load_model, predict_maps
+    from worker.plan import Box
+
+    path = Path(model) if model is not None else default_model()
+    if path is None:
+        raise FileNotFoundError("no default model in models/zoo; pass model=")
+    net = load_model(path, device="cpu")
+    margin = net.card.margin
+    # The region is whole network tiles on the slide's tile grid: ``size`` rounded up and the
+    # origin down to the model's output size.
+    tile = net.card.output_size
+    requested, size = size, -(-size // tile) * tile
+    x, y = (v // tile * tile for v in origin)
+    maps_box = Box(row0=y, col0=x, row1=y + size, col1=x + size)
+    image_box = maps_box.grow(margin)
+    with openslide.OpenSlide(str(slide)) as handle:
+        region = handle.read_region((image_box.col0, image_box.row0), 0,
+                                    (image_box.width, image_box.height))
+    image = np.asarray(region.convert("RGB"), np.uint8)
+    maps = predict_maps(net, image, image_box, maps_box)
+    if maps.types is None:
+        raise ValueError(f"{path.name} is untyped; the benchmark needs a typed model")
+    folder = Path(directory) / f"model_{Path(slide).stem}_{requested}"
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "np_prob.npy", maps.np_prob)
+    np.save(folder / "hv.npy", maps.hv)
+    np.save(folder / "types.npy", maps.types)
+    meta = {"size": size, "mpp": net.card.mpp, "model": path.name, "slide": Path(slide).name,
+            "origin_xy": [x, y], "upsample": int(net.card.postprocess.get("upsample", 1)),
+            "source": "model"}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
 def load_map_set(folder: str | Path) -> MapSet:
     """Read a map set written by :func:`write_map_set` (fully into memory)."""
     folder = Path(folder)
@@ -278,12 +338,20 @@ def map_set_complete(folder: str | Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1024, 2048, 4096])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "work" / "maps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rewrite existing map sets")
+    parser.add_argument("--model-maps", type=int, nargs="*", default=[], metavar="SIZE",
+                        help="also the default model's maps of a SIZE² region of CMU-1-Small-Region")
     args = parser.parse_args(argv)
-    patches = load_patches()
+    for size in args.model_maps:
+        folder = args.out / f"model_{DEFAULT_SLIDE.stem}_{size}"
+        if all((folder / n).is_file() for n in MODEL_MAP_FILES) and not args.force:
+            print(f"{folder}: exists")
+        else:
+            print(f"{write_model_maps(args.out, size=size)}: the default model's maps")
+    patches = load_patches() if args.sizes else None
     for size in args.sizes:
         folder = args.out / f"maps_{size}"
         if map_set_complete(folder) and not args.force:

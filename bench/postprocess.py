@@ -39,12 +39,16 @@ sys.path.insert(0, str(BENCH))
 from make_maps import load_map_set, map_set_complete, write_map_set  # noqa: E402
 
 __all__ = [
+    "BASELINE_CASES",
     "TIATOOLBOX_PACKAGES",
     "TIATOOLBOX_VERSION",
     "Match",
+    "baseline_inputs",
+    "baseline_table",
     "compare_outputs",
     "ensure_tiatoolbox_venv",
     "match_instances",
+    "run_baseline",
     "speed_summary",
 ]
 
@@ -322,6 +326,122 @@ def run_ours(folders: Sequence[Path], out: Path, repeats: Sequence[int]) -> dict
     return report
 
 
+# --------------------------------------------------------------------------- against the baseline
+
+
+BASELINE_CASES = ("x1", "half-up2")
+"""``x1``: ``hover_instances`` on the 0.25 µm/px maps. ``half-up2``: the maps averaged down to
+0.5 µm/px, then ``segment_maps`` with the 20× default card's ``upsample=2`` (what the pipeline
+runs for the default model)."""
+
+
+def baseline_inputs(maps: Any, case: str) -> tuple[NDArray, NDArray, NDArray, float, int]:
+    """(np_prob, hv, types, mpp, upsample) of one baseline case of a map set."""
+    import cv2
+
+    if case == "x1":
+        return maps.np_prob, maps.hv, maps.types, 0.25, 1
+    if case != "half-up2":
+        raise ValueError(f"unknown case {case!r}; expected one of {BASELINE_CASES}")
+    h, w = maps.shape[0] // 2, maps.shape[1] // 2
+    coarse = cv2.resize(maps.np_prob, (w, h), interpolation=cv2.INTER_AREA)
+    hv = np.stack([cv2.resize(c, (w, h), interpolation=cv2.INTER_AREA) for c in maps.hv])
+    return coarse, hv, np.ascontiguousarray(maps.types[::2, ::2]), 0.5, 2
+
+
+def _baseline_cases(folder: Path, cases: Sequence[str]) -> list[tuple[str, tuple]]:
+    """The inputs of each case of one folder: generated map sets get ``cases``; a real model's
+    maps (``make_maps.py --model-maps``) run at the model's resolution, ``native`` without and
+    ``card`` with its card's upsampling."""
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta.get("source") != "model":
+        maps = load_map_set(folder)
+        return [(case, baseline_inputs(maps, case)) for case in cases]
+    np_prob, hv, types = (np.load(folder / f"{n}.npy") for n in ("np_prob", "hv", "types"))
+    mpp = float(meta["mpp"])
+    return [("native", (np_prob, hv, types, mpp, 1)),
+            (f"card-up{meta['upsample']}", (np_prob, hv, types, mpp, int(meta["upsample"])))]
+
+
+def run_baseline(folders: Sequence[Path], *, repeats: int, cases: Sequence[str]) -> dict[str, Any]:
+    """CPU time of today's ``segment_maps`` against the frozen baseline
+    (``bench/_postprocess_reference.py``) on the same maps, alternating, in this process; and
+    whether their label images are identical.
+
+    One core: OpenCV's thread pool is set to 1 here; run with ``OMP_NUM_THREADS=1``.
+    """
+    import _postprocess_reference as baseline
+    import cv2
+
+    import worker.postprocess as post
+
+    cv2.setNumThreads(1)
+    sides = {"baseline": baseline, "today": post}
+    stages = {name: _CpuStages(module) for name, module in sides.items()}
+    rows: dict[str, Any] = {}
+    for folder in folders:
+        for case, (np_prob, hv, types, mpp, factor) in _baseline_cases(folder, cases):
+            cpu: dict[str, list[float]] = {name: [] for name in sides}
+            split: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+            labels: dict[str, NDArray] = {}
+            for module in sides.values():  # warm-up, untimed
+                module.segment_maps(np_prob[:256, :256], hv[:, :256, :256], types[:256, :256],
+                                    mpp=mpp, options=module.PostprocessOptions(upsample=factor))
+            for _ in range(repeats):
+                for name, module in sides.items():
+                    stages[name].seconds = {}
+                    start = time.process_time()
+                    result = module.segment_maps(np_prob, hv, types, mpp=mpp,
+                                                 options=module.PostprocessOptions(upsample=factor))
+                    cpu[name].append(time.process_time() - start)
+                    split[name].append(dict(stages[name].seconds))
+                    labels[name] = result.labels
+            base, today = min(cpu["baseline"]), min(cpu["today"])
+            rows[f"{folder.name} {case}"] = {
+                "fine_shape": list(labels["today"].shape), "nuclei": int(labels["today"].max()),
+                "baseline_cpu_s": cpu["baseline"], "today_cpu_s": cpu["today"],
+                "ratio": base / today,
+                "baseline_stages": split["baseline"][int(np.argmin(cpu["baseline"]))],
+                "today_stages": split["today"][int(np.argmin(cpu["today"]))],
+                "labels_identical": bool(np.array_equal(labels["baseline"], labels["today"])),
+            }
+            r = rows[f"{folder.name} {case}"]
+            print(f"{folder.name} {case}: baseline {base:.3f} s, today {today:.3f} s CPU "
+                  f"→ {r['ratio']:.2f}×, labels identical: {r['labels_identical']}", flush=True)
+    return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "repeats": repeats,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "rows": rows}
+
+
+class _CpuStages(_OurStages):
+    """:class:`_OurStages` in process CPU time."""
+
+    def _wrap(self, fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + time.process_time() - start
+        return timed
+
+
+def baseline_table(result: dict[str, Any]) -> str:
+    """The baseline comparison as a markdown table (labels = steps 1-7, the watershed half;
+    measure = the per-nucleus records; the rest is upsampling and input checks)."""
+    lines = ["| maps | fine grid | nuclei | baseline CPU s | today CPU s | speed-up | labels: baseline / "
+             "today s | measure: baseline / today s | labels identical |",
+             "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
+    for name, r in result["rows"].items():
+        h, w = r["fine_shape"]
+        b, t = r.get("baseline_stages", {}), r.get("today_stages", {})
+        lines.append(f"| {name} | {h}×{w} | {r['nuclei']:,} | {min(r['baseline_cpu_s']):.3f} | "
+                     f"{min(r['today_cpu_s']):.3f} | **{r['ratio']:.2f}×** | "
+                     f"{b.get('labels', math.nan):.3f} / {t.get('labels', math.nan):.3f} | "
+                     f"{b.get('measure', math.nan):.3f} / {t.get('measure', math.nan):.3f} | "
+                     f"{'yes' if r['labels_identical'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -444,9 +564,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=WORK / "postprocess")
     parser.add_argument("--results", type=Path, default=RESULTS / "postprocess.json")
     parser.add_argument("--setup-only", action="store_true", help="only create TIAToolbox's venv")
+    parser.add_argument("--baseline", action="store_true",
+                        help="instead: today's code against bench/_postprocess_reference.py "
+                        "(CPU time, one core) on the map sets and any real model maps "
+                        "(make_maps.py --model-maps), results to bench/results/postprocess_baseline.*")
+    parser.add_argument("--cases", nargs="+", default=list(BASELINE_CASES), choices=BASELINE_CASES)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.baseline:
+        model_maps = sorted(f for f in args.maps.glob("model_*") if (f / "meta.json").is_file())
+        result = run_baseline([*_folders(args.maps, args.sizes), *model_maps], repeats=args.repeats,
+                              cases=args.cases)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "postprocess_baseline.json").write_text(json.dumps(result, indent=2) + "\n")
+        table = baseline_table(result)
+        (RESULTS / "postprocess_baseline.md").write_text(table)
+        print(table)
+        return 0 if all(r["labels_identical"] for r in result["rows"].values()) else 1
     if args.setup_only:
         print(ensure_tiatoolbox_venv())
         return 0
