@@ -34,6 +34,8 @@ __all__ = [
     "POINT_RADIUS_UM",
     "LabelledPixels",
     "TypeHead",
+    "balance",
+    "feature_session",
     "fit_temperature",
     "image_features",
     "point_pixels",
