@@ -84,7 +84,7 @@ def _postprocess_args(args: argparse.Namespace) -> dict[str, Any]:
     after the card keys), None or empty where not given."""
     from worker.postprocess import PostprocessOptions
 
-    return {key: getattr(args, key) for key in PostprocessOptions.KEYS}
+    return {key: getattr(args, key, None) for key in PostprocessOptions.KEYS}
 
 
 class UsageError(Exception):
@@ -134,7 +134,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         model=_resolve_model(args.model), mpp=args.mpp, roi=args.roi,
         region_size=args.region_size, batch_size=args.batch_size,
         workers=args.workers if args.workers is not None else InferenceOptions.workers,
-        device=args.device, tissue=tissue,
+        device=args.device, tissue=tissue, objects=args.objects, min_class_prob=args.min_class_prob,
     )
     out = args.out or f"{slide.stem}-nuclei"
     fs, root = fsspec.url_to_fs(out)
@@ -171,6 +171,26 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             f"tissue {result.tissue_area_mm2:.2f} mm² · wall {wall:.1f} s · "
             f"{tissue_px / 1e6 / wall:.2f} tissue Mpx/s (level 0)"
         )
+    return 0
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _cmd_export_qupath(args: argparse.Namespace) -> int:
+    import fsspec
+
+    from worker.writers import export_qupath
+
+    source_fs, source = fsspec.url_to_fs(args.table)
+    if not source_fs.exists(source):
+        raise UsageError(f"nucleus table not found: {args.table}")
+    fs, root = fsspec.url_to_fs(args.out)
+    written = export_qupath(source_fs, source, fs=fs, root=root, objects=args.objects,
+                            measurements=args.measurements)
+    if not args.quiet:
+        print(f"wrote {written.total:,} {args.objects} to {args.out}/{written.names[0]} "
+              f"({len(written.entries)} entr{'y' if len(written.entries) == 1 else 'ies'})")
     return 0
 
 
@@ -217,6 +237,27 @@ def _cmd_model_set_postprocess(args: argparse.Namespace) -> int:
         update["metrics"] = metrics
     replace_card(source, args.output, card.model_copy(update=update))
     print(f"wrote {args.output}: {card.name}, post-processing {json.dumps(postprocess)}")
+    return 0
+
+
+def _cmd_model_refit_types(args: argparse.Namespace) -> int:
+    from models.train.refit import RefitOptions, refit_model
+
+    source = _resolve_model(args.model)
+    options = RefitOptions(
+        points=tuple(Path(p) for p in args.points or ()), points_split=args.split,
+        data_root=Path(args.data_root) if args.data_root else None,
+        typed_sources=tuple(args.typed or ()), holdout=tuple(args.holdout or ()), l2=args.l2)
+    updates: dict[str, Any] = {k: v for k, v in (("name", args.name), ("version", args.version),
+                                                 ("description", args.description)) if v}
+    metrics = _read_metrics(args.metrics)
+    if metrics is not None:
+        updates["metrics"] = metrics
+    try:
+        card = refit_model(source, args.output, options, card_updates=updates)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"wrote {args.output}: {card.name} (classes refit; segmentation unchanged)")
     return 0
 
 
@@ -313,6 +354,7 @@ def _cmd_model_evaluate(args: argparse.Namespace) -> int:
 
     from models.evaluate import sweep_table
     from models.evaluate_model import sweep_postprocess
+    from models.evaluate_points import evaluate_points, is_point_dataset, point_table
     from models.zoo import default_model
 
     model = args.model if args.model != "default" else default_model()
@@ -323,6 +365,14 @@ def _cmd_model_evaluate(args: argparse.Namespace) -> int:
     grid = [dict(zip(asked, values, strict=True)) for values in itertools.product(*asked.values())]
     results: dict[str, Any] = {}
     for data in args.data:
+        if is_point_dataset(data):
+            if grid:
+                raise UsageError(f"{data} has point labels: post-processing sweeps need outlines")
+            scored = evaluate_points(model, data, split=args.split, only=args.only or (),
+                                     device=args.device, progress=True)
+            _print_tables([point_table(scored)], title=f"{Path(model).name} on {data}")
+            results[str(data)] = scored
+            continue
         found = sweep_postprocess(model, data, grid, only=args.only or (), mpp=args.mpp,
                                   device=args.device, progress=True)
         if len(found) == 1:
@@ -362,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-tissue-mask", action="store_true", help="analyse background too")
     p.add_argument("--tissue-mask", help="PNG mask (non-zero = tissue) with the slide's aspect")
+    p.add_argument("--objects", choices=("detections", "cells"), default="detections",
+                   help="QuPath objects: nuclei as detections (default), or cells with a boundary "
+                        "5 µm out from each nucleus, never overlapping a neighbour")
+    p.add_argument("--min-class-prob", type=_probability, metavar="P",
+                   help="report nuclei whose class probability is below P as unclassified "
+                        "(default: the model card's)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_cmd_infer)
 
@@ -394,10 +450,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--np-threshold", type=_probability, metavar="T")
     p.add_argument("--marker-threshold", type=_probability, metavar="T")
+    p.add_argument("--min-class-prob", type=_probability, metavar="P",
+                   help="nuclei below this class probability are reported unclassified")
     p.add_argument("--upsample", type=_upsample_factor, metavar="N",
                    help="segment on maps upsampled N times (1-4): finer outlines, slower post-processing")
     p.add_argument("--metrics", metavar="JSON", help="measured metrics to store in the card instead")
     p.set_defaults(func=_cmd_model_set_postprocess)
+    p = msub.add_parser("refit-types",
+                        help="refit a model's class layer on class points and outlined classes")
+    p.add_argument("model", help="ONNX model file or bundled model name")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--points", nargs="+", metavar="DIR", help="point data sets (points.npz + images/)")
+    p.add_argument("--split", default="train", help="split of the point data sets to fit on")
+    p.add_argument("--data-root", metavar="DIR", help="the shared data/nuclei folder (for --typed)")
+    p.add_argument("--typed", nargs="+", metavar="SOURCE",
+                   help="classified outline sources, e.g. consep_train")
+    p.add_argument("--holdout", nargs="+", metavar="GROUP", help="source images kept out of the fit")
+    p.add_argument("--l2", type=_positive_float, default=1e-3, help="pull towards the current weights")
+    p.add_argument("--name"), p.add_argument("--version"), p.add_argument("--description")
+    p.add_argument("--metrics", metavar="JSON", help="measured metrics to store in the card")
+    p.set_defaults(func=_cmd_model_refit_types)
     p = msub.add_parser("train", help="train a model from a config file")
     p.add_argument("config")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -419,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = msub.add_parser("evaluate", help="run a model on annotated images and score it (PQ, AJI, F1...)")
     p.add_argument("model", help="ONNX model file, or 'default' for the bundled model")
     p.add_argument("data", nargs="+",
-                   help="data set: .npz (images/inst[/type_map]) or a folder (labels.npz + images/)")
+                   help="data set: .npz (images/inst[/type_map]), a folder (labels.npz + images/), "
+                   "or a point-labelled folder (points.npz + images/)")
     p.add_argument("--only", nargs="+", metavar="PREFIX",
                    help="score only images whose name starts with one of these (held-out images)")
     p.add_argument("--mpp", type=_positive_float, help="µm/px of the data when its files do not say")
@@ -430,8 +503,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="marker threshold(s) instead of the card's; with --np-threshold, every pair")
     p.add_argument("--upsample", nargs="+", type=_upsample_factor, metavar="N",
                    help="post-process the maps upsampled N times (1-4) instead of the card's factor")
+    p.add_argument("--split", help="point data sets (points.npz): score only this split, e.g. val")
     p.add_argument("--json", help="also write every metric to this JSON file")
     p.set_defaults(func=_cmd_model_evaluate)
+
+    export = sub.add_parser("export", help="re-export a result without re-running the slide")
+    esub = export.add_subparsers(dest="export_command", required=True)
+    p = esub.add_parser("qupath", help="a result's nucleus table → QuPath GeoJSON (one file to drag)")
+    p.add_argument("table", help="nuclei.zarr.zip (as downloaded) or a nuclei.zarr directory")
+    p.add_argument("--out", required=True, help="output directory or fsspec URL")
+    p.add_argument("--objects", choices=["detections", "cells"], default="detections",
+                   help="QuPath object type (cells need a table with cell boundaries)")
+    p.add_argument("--measurements", nargs="+", metavar="NAME",
+                   help="measurement names to write, in this order (default: all in the table)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary line")
+    p.set_defaults(func=_cmd_export_qupath)
 
     p = sub.add_parser("evaluate", help="compare predicted and ground-truth label maps")
     p.add_argument("pred", help=".npz (inst[, type_map]) or label image")

@@ -77,6 +77,10 @@ class JobOptions(BaseModel):
     roi: tuple[int, int, int, int] | None = Field(default=None, description="x, y, w, h in level-0 pixels")
     tissue_mask: bool = Field(default=True, description="skip background (false: analyse everything)")
     region_size: int | None = Field(default=None, ge=64, le=8192, description="region core side, model px")
+    min_class_prob: float | None = Field(
+        default=None, ge=0, le=1, allow_inf_nan=False,
+        description="nuclei whose class probability is below this are reported unclassified "
+        "(default: the model card's)")
     objects: Literal["detections", "cells"] = Field(
         default="detections",
         description="QuPath objects to write: nuclei as detections, or cells (nucleus plus a "

@@ -7,6 +7,7 @@ flight between them so memory stays bounded by the region size, never the slide 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import multiprocessing
@@ -23,15 +24,18 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models.card import ModelCard
+from worker.cells import DEFAULT_EXPANSION_UM
 from worker.infer import Device, Model, RegionMaps, load_model, predict_maps
 from worker.merge import region_table, resolve_seams
 from worker.nuclei import NucleusTable
 from worker.plan import DEFAULT_HALO_UM, DEFAULT_REGION_SIZE, Box, Region, plan_regions
 from worker.read import ModelGrid, model_grid, read_model_box
+from worker.slide.base import MAX_MPP, MIN_MPP, plausible_mpp
+from worker.stain import StainVectors
 
 if TYPE_CHECKING:
     from worker.postprocess import PostprocessOptions
-    from worker.slide import Slide
+    from worker.slide import Overview, Slide
 
 __all__ = [
     "InferenceOptions",
@@ -53,6 +57,10 @@ DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 """Default size of the read/post-process pool (processes)."""
 
 TissueOption = Literal["auto", "none"] | Path
+ObjectsOption = Literal["detections", "cells"]
+
+MAX_EXPANSION_UM = 20.0
+"""Largest cell expansion: the default halo (24 µm) must still hold a nucleus plus its cell."""
 
 
 @dataclass(frozen=True)
@@ -68,10 +76,15 @@ class InferenceOptions:
     device: Device = "auto"
     tissue: TissueOption = "auto"
     halo_um: float = DEFAULT_HALO_UM
+    objects: ObjectsOption = "detections"
+    cell_expansion_um: float = DEFAULT_EXPANSION_UM
+    min_class_prob: float | None = None
+    """Leave nuclei whose class probability is below this unclassified (None: the card's)."""
 
     def __post_init__(self) -> None:
-        if self.mpp is not None and not 0.01 <= self.mpp <= 100:
-            raise ValueError(f"mpp must be within 0.01..100 µm/px, got {self.mpp}")
+        if self.mpp is not None and plausible_mpp(self.mpp) is None:
+            raise ValueError(f"mpp must be a finite number within {MIN_MPP}..{MAX_MPP} µm/px, "
+                             f"got {self.mpp}")
         if self.roi is not None:
             x, y, w, h = self.roi
             if w <= 0 or h <= 0 or x < 0 or y < 0:
@@ -84,6 +97,13 @@ class InferenceOptions:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.halo_um < 0:
             raise ValueError(f"halo_um must be >= 0, got {self.halo_um}")
+        if self.objects not in ("detections", "cells"):
+            raise ValueError(f"objects must be 'detections' or 'cells', got {self.objects!r}")
+        if not 0 < self.cell_expansion_um <= MAX_EXPANSION_UM:
+            raise ValueError(f"cell_expansion_um must be within 0..{MAX_EXPANSION_UM} µm, "
+                             f"got {self.cell_expansion_um}")
+        if self.min_class_prob is not None and not 0 <= self.min_class_prob <= 1:
+            raise ValueError(f"min_class_prob must be within 0..1, got {self.min_class_prob}")
 
     def parameters(self) -> dict[str, Any]:
         """JSON-ready record of the options, for the manifest."""
@@ -91,7 +111,8 @@ class InferenceOptions:
             "model": str(self.model), "mpp": self.mpp, "roi": list(self.roi) if self.roi else None,
             "region_size": self.region_size, "batch_size": self.batch_size,
             "workers": self.workers, "device": self.device, "tissue": str(self.tissue),
-            "halo_um": self.halo_um,
+            "halo_um": self.halo_um, "objects": self.objects,
+            "cell_expansion_um": self.cell_expansion_um, "min_class_prob": self.min_class_prob,
         }
 
 
@@ -108,6 +129,13 @@ class SlidePlan:
     tissue_mask: NDArray[np.bool_] | None
     tissue_downsample: float
     slide_shape: tuple[int, int]
+    stains: StainVectors = field(default_factory=StainVectors.default)
+    objects: ObjectsOption = "detections"
+    cell_expansion_um: float = DEFAULT_EXPANSION_UM
+    tissue_origin: tuple[int, int] = (0, 0)
+    min_class_prob: float | None = None
+    """The job's class-probability floor for classified nuclei (None: the card's)."""
+    """Level-0 (row, col) of the mask's corner: the ROI's when only the ROI could be read."""
 
     def tissue_in(self, level0: Box) -> bool:
         """Whether any tissue lies in a level-0 box (always true without a mask)."""
@@ -115,8 +143,9 @@ class SlidePlan:
             return True
         d = self.tissue_downsample
         h, w = self.tissue_mask.shape
-        r0, c0 = max(0, math.floor(level0.row0 / d)), max(0, math.floor(level0.col0 / d))
-        r1, c1 = min(h, math.ceil(level0.row1 / d)), min(w, math.ceil(level0.col1 / d))
+        y, x = self.tissue_origin
+        r0, c0 = max(0, math.floor((level0.row0 - y) / d)), max(0, math.floor((level0.col0 - x) / d))
+        r1, c1 = min(h, math.ceil((level0.row1 - y) / d)), min(w, math.ceil((level0.col1 - x) / d))
         if r1 <= r0 or c1 <= c0:
             return False
         return bool(self.tissue_mask[r0:r1, c0:c1].any())
@@ -157,13 +186,15 @@ def plan_slide(
     card: ModelCard,
     options: InferenceOptions,
     *,
-    thumbnail: tuple[NDArray[np.uint8], float] | None = None,
+    detail: Overview | None = None,
 ) -> tuple[SlidePlan, float]:
     """Plan an open slide's regions; returns the plan and the analysed tissue area in mm².
 
-    ``thumbnail`` (image, downsample), when the caller has one, spares a second thumbnail read.
+    ``detail``, the image to detect tissue on (from :func:`~worker.slide.planning_overviews`),
+    when the caller has one, spares a second read. Raises ``SlideTooLarge`` when the slide
+    cannot be planned within the planning pixel budget.
     """
-    from worker.tissue import TissueMask, detect_tissue, load_tissue_mask, tissue_mask_for
+    from worker.tissue import TissueMask, load_tissue_mask, tissue_mask_for, tissue_mask_from
 
     grid = model_grid(slide, card.mpp)
     roi0 = _roi_box(options.roi, slide.shape)
@@ -173,10 +204,11 @@ def plan_slide(
     if options.tissue == "none":
         mask = None
     elif options.tissue == "auto":
-        if thumbnail is None:
-            mask = tissue_mask_for(slide)
+        if detail is None:
+            mask = tissue_mask_for(slide, roi=options.roi)
         else:
-            mask = TissueMask(detect_tissue(thumbnail[0]), thumbnail[1])
+            mask = tissue_mask_from(detail.image, detail.downsample, detail.origin,
+                                    name=Path(slide.path).name)
     else:
         mask = load_tissue_mask(Path(options.tissue), slide.shape)
     halo = math.ceil(options.halo_um / grid.mpp)
@@ -185,6 +217,9 @@ def plan_slide(
         "margin": card.margin, "slide_shape": tuple(slide.shape),
         "tissue_mask": None if mask is None else mask.mask,
         "tissue_downsample": 1.0 if mask is None else mask.downsample,
+        "objects": options.objects, "cell_expansion_um": options.cell_expansion_um,
+        "tissue_origin": (0, 0) if mask is None else mask.origin,
+        "min_class_prob": options.min_class_prob,
     }
     probe = SlidePlan(regions=(), **plan_args)
     # Post-processing holds a region's maps (core + halo) upsampled by the card's factor: a core
@@ -203,13 +238,16 @@ def plan_slide(
     if mask is None:
         tissue_mm2 = roi0.area * (slide.mpp / 1000.0) ** 2
     else:
-        tissue_mm2 = _mask_area_mm2(mask.mask, mask.downsample, roi0, slide.mpp)
+        tissue_mm2 = _mask_area_mm2(mask.mask, mask.downsample, roi0, slide.mpp, mask.origin)
     return plan, tissue_mm2
 
 
-def _mask_area_mm2(mask: NDArray[np.bool_], downsample: float, roi0: Box, mpp: float) -> float:
-    r0, c0 = math.floor(roi0.row0 / downsample), math.floor(roi0.col0 / downsample)
-    r1, c1 = math.ceil(roi0.row1 / downsample), math.ceil(roi0.col1 / downsample)
+def _mask_area_mm2(mask: NDArray[np.bool_], downsample: float, roi0: Box, mpp: float,
+                   origin: tuple[int, int] = (0, 0)) -> float:
+    y, x = origin  # the mask's level-0 corner
+    r0 = max(0, math.floor((roi0.row0 - y) / downsample))
+    c0 = max(0, math.floor((roi0.col0 - x) / downsample))
+    r1, c1 = math.ceil((roi0.row1 - y) / downsample), math.ceil((roi0.col1 - x) / downsample)
     pixels = int(mask[r0:r1, c0:c1].sum())
     return pixels * (downsample * mpp / 1000.0) ** 2
 
@@ -245,23 +283,53 @@ def read_region(plan: SlidePlan, region: Region) -> tuple[NDArray[np.uint8], flo
 
 
 def postprocess_region(
-    maps: RegionMaps, region: Region, plan: SlidePlan, postprocess: PostprocessOptions
+    maps: RegionMaps, region: Region, plan: SlidePlan, postprocess: PostprocessOptions,
+    rgb: NDArray[np.uint8] | None = None,
 ) -> tuple[NucleusTable, float]:
-    """Instances of one region's maps, reduced to those the region reports; and seconds spent."""
+    """Instances of one region's maps, reduced to those the region reports, with their QuPath
+    measurements (intensities from ``rgb``, the pixels of ``region.maps``); and seconds spent."""
+    from worker.merge import reported
     from worker.postprocess import segment_maps
 
     start = time.perf_counter()
     if not maps.np_prob.any():
         return NucleusTable(), time.perf_counter() - start
     result = segment_maps(maps.np_prob, maps.hv, maps.types, mpp=plan.grid.mpp, options=postprocess)
-    table = region_table(result.nuclei, region, plan.grid, area=plan.area, upsample=postprocess.upsample)
+    f = postprocess.upsample
+    table = region_table(result.nuclei, region, plan.grid, area=plan.area, upsample=f)
+    if len(table):
+        keep = reported(result.nuclei, region, area=plan.area, upsample=f)
+        labels = np.array([n.label for n, k in zip(result.nuclei, keep, strict=True) if k])
+        table = _measure(table, result.labels, labels, rgb, region, plan, f, maps.types is not None)
     return table, time.perf_counter() - start
 
 
-def _postprocess_options(card: ModelCard) -> PostprocessOptions:
+def _measure(table: NucleusTable, label_map: NDArray[np.int32], labels: NDArray[np.int64],
+             rgb: NDArray[np.uint8] | None, region: Region, plan: SlidePlan, factor: int,
+             typed: bool) -> NucleusTable:
+    """QuPath measurements (and cells, when the plan asks) of one region's reported nuclei."""
+    from worker.measure import measure_region
+
+    grid = plan.grid
+    fine_mpp = grid.mpp / factor
+    return measure_region(
+        table, label_map, labels, rgb, stains=plan.stains, factor=factor,
+        # As region_table maps the fine grid: level-0 = scale·(p + origin·f + 0.5).
+        to_level0=(grid.level0_per_model / factor, float(region.maps.col0 * factor),
+                   float(region.maps.row0 * factor)),
+        slide_mpp=grid.mpp / grid.level0_per_model, typed=typed,
+        cell_expansion_px=plan.cell_expansion_um / fine_mpp if plan.objects == "cells" else None,
+    )
+
+
+def _postprocess_options(card: ModelCard, plan: SlidePlan | None = None) -> PostprocessOptions:
+    """The card's post-processing, with the job's class-probability floor when it sets one."""
     from worker.postprocess import PostprocessOptions
 
-    return PostprocessOptions.from_mapping(card.postprocess)
+    options = PostprocessOptions.from_mapping(card.postprocess)
+    if plan is not None and plan.min_class_prob is not None:
+        options = dataclasses.replace(options, min_class_prob=plan.min_class_prob)
+    return options
 
 
 # --------------------------------------------------------------------------- shared maps
@@ -279,12 +347,15 @@ class _SharedMaps:
 
         h, w = box.height, box.width
         self.box, self.typed = box, typed
-        size = h * w * (4 * 3 + (1 if typed else 0))
+        size = h * w * (4 * 3 + (1 if typed else 0) + 3)  # maps, then the region's RGB
         self.shm = shared_memory.SharedMemory(create=True, size=max(size, 1))
         self.name = self.shm.name
 
     def maps(self) -> RegionMaps:
         return _maps_view(self.shm.buf, self.box, self.typed)
+
+    def rgb(self) -> NDArray[np.uint8]:
+        return _rgb_view(self.shm.buf, self.box, self.typed)
 
     def release(self) -> None:
         self.shm.close()
@@ -301,6 +372,18 @@ def _maps_view(buf: memoryview | None, box: Box, typed: bool) -> RegionMaps:
     return RegionMaps(box, np_prob, hv, types)
 
 
+def _rgb_view(buf: memoryview | None, box: Box, typed: bool) -> NDArray[np.uint8]:
+    if buf is None:
+        raise ValueError("the shared-memory block is closed")
+    h, w = box.height, box.width
+    return np.ndarray((h, w, 3), np.uint8, buffer=buf, offset=(13 if typed else 12) * h * w)
+
+
+def _maps_pixels(image: NDArray[np.uint8], margin: int) -> NDArray[np.uint8]:
+    """The pixels of a region's maps box, from its read grown by the network margin."""
+    return image[margin:image.shape[0] - margin, margin:image.shape[1] - margin]
+
+
 def postprocess_shared(
     name: str, box: Box, typed: bool, region: Region, plan: SlidePlan, postprocess: PostprocessOptions
 ) -> tuple[NucleusTable, float]:
@@ -312,8 +395,9 @@ def postprocess_shared(
     shm = shared_memory.SharedMemory(name=name)
     try:
         maps = _maps_view(shm.buf, box, typed)
-        result = postprocess_region(maps, region, plan, postprocess)
-        del maps
+        rgb = _rgb_view(shm.buf, box, typed)
+        result = postprocess_region(maps, region, plan, postprocess, rgb)
+        del maps, rgb
         return result
     finally:
         shm.close()
@@ -370,7 +454,7 @@ def _iterate_regions(
     timings: dict[str, float],
 ) -> Iterator[NucleusTable]:
     """Yield each region's table as post-processing finishes; reads run ``prefetch`` ahead."""
-    postprocess = _postprocess_options(model.card)
+    postprocess = _postprocess_options(model.card, plan)
     reads: deque[tuple[Region, Future]] = deque()
     posts: deque[Future] = deque()
     todo = iter(plan.regions)
@@ -407,15 +491,19 @@ def _iterate_regions(
                                 tile_wanted=plan.tile_wanted,
                                 out=block.maps() if block is not None else None)
             timings["infer"] += time.perf_counter() - start
+            pixels = _maps_pixels(image, plan.margin)
+            if block is not None:
+                block.rgb()[...] = pixels
             del image
             if block is None:
-                posts.append(executor.submit(postprocess_region, maps, region, plan, postprocess))
+                posts.append(executor.submit(postprocess_region, maps, region, plan, postprocess,
+                                             pixels))
             else:
                 future = executor.submit(postprocess_shared, block.name, region.maps, model.typed,
                                          region, plan, postprocess)
                 shared[future] = block
                 posts.append(future)
-            del maps
+            del maps, pixels
             while len(posts) > max_pending or (posts and posts[0].done()):
                 yield collect()
         while posts:
@@ -440,13 +528,16 @@ def prepare_slide(slide_path: str | Path, card: ModelCard, options: InferenceOpt
     """Open a slide, find its tissue and plan its regions (raises SlideError for bad slides)."""
     import fsspec
 
-    from worker.slide import open_slide
+    from worker.slide import open_slide, planning_overviews
     from worker.writers import file_sha256
 
     slide_path = Path(slide_path)
     with open_slide(slide_path, mpp=options.mpp) as slide:
-        thumbnail, thumb_downsample = slide.thumbnail(max_side=2048)
-        plan, tissue_mm2 = plan_slide(slide, card, options, thumbnail=(thumbnail, thumb_downsample))
+        # Within the planning pixel budget: the whole slide from a low level, or the ROI alone.
+        overview, detail = planning_overviews(slide, options.roi)
+        plan, tissue_mm2 = plan_slide(slide, card, options, detail=detail)
+        plan = dataclasses.replace(
+            plan, stains=_slide_stains(overview.image if detail is None else detail.image, plan))
         slide_info = {
             "name": slide_path.name, "format": slide.format, "shape": list(slide.shape),
             "width": slide.shape[1], "height": slide.shape[0], "mpp": slide.mpp,
@@ -457,7 +548,22 @@ def prepare_slide(slide_path: str | Path, card: ModelCard, options: InferenceOpt
     logger.info("slide %s: %d regions on the %dx%d model grid (%.4f µm/px, level %d)",
                 slide_path.name, len(plan.regions), plan.grid.shape[1], plan.grid.shape[0],
                 plan.grid.mpp, plan.grid.level)
-    return PreparedSlide(plan, slide_info, thumbnail, thumb_downsample, tissue_mm2)
+    return PreparedSlide(plan, slide_info, overview.image, overview.downsample, tissue_mm2)
+
+
+def _slide_stains(image: NDArray[np.uint8], plan: SlidePlan) -> StainVectors:
+    """The slide's stain vectors, estimated on the tissue of its planning overview ``image``
+    (QuPath's H&E defaults when estimation fails)."""
+    from worker.stain import estimate_stains
+
+    mask = plan.tissue_mask
+    if mask is not None and mask.shape != image.shape[:2]:
+        mask = None  # a mask at another scale (a mask file): estimate on the whole image instead
+    stains = estimate_stains(image, mask)
+    record = stains.to_dict()
+    logger.info("stain vectors (%s): hematoxylin %s, eosin %s, background %s", stains.source,
+                record["hematoxylin"], record["eosin"], record["background"])
+    return stains
 
 
 def process_region(plan: SlidePlan, region: Region, model: Model) -> NucleusTable:
@@ -465,7 +571,8 @@ def process_region(plan: SlidePlan, region: Region, model: Model) -> NucleusTabl
     image, _ = read_region(plan, region)
     maps = predict_maps(model, image, region.maps.grow(plan.margin), region.maps,
                         tile_wanted=plan.tile_wanted)
-    table, _ = postprocess_region(maps, region, plan, _postprocess_options(model.card))
+    table, _ = postprocess_region(maps, region, plan, _postprocess_options(model.card, plan),
+                                  _maps_pixels(image, plan.margin))
     return table
 
 
@@ -491,18 +598,20 @@ def finalize(
         thumbnail=prepared.thumbnail, thumbnail_downsample=prepared.thumbnail_downsample,
         tissue_area_mm2=prepared.tissue_area_mm2,
         parameters={**parameters, "regions": len(plan.regions), "model_grid_mpp": plan.grid.mpp,
-                    "pyramid_level": plan.grid.level},
+                    "pyramid_level": plan.grid.level, "stain_vectors": plan.stains.to_dict()},
         timings=timings, seed=prepared.slide_info.get("sha256") or prepared.slide_info["name"],
     )
     return table, outputs
 
 
 def class_counts(table: NucleusTable, card: ModelCard) -> dict[str, int]:
-    """Nuclei per class name (``Nucleus`` for an untyped model)."""
-    if not card.typed:
-        return {"Nucleus": len(table)}
-    counts = table.counts(len(card.classes))
-    return {c.name: int(counts[i]) for i, c in enumerate(card.classes) if i > 0}
+    """Nuclei per class name, then ``unclassified`` (type 0; every nucleus of an untyped model):
+    the values add up to the table's length, as in ``counts.json``."""
+    from worker.writers import UNCLASSIFIED_NAME
+
+    counts = table.counts(max(len(card.classes), 1)) if card.typed else np.zeros(1, np.int64)
+    named = {c.name: int(counts[i]) for i, c in enumerate(card.classes) if i > 0 and card.typed}
+    return {**named, UNCLASSIFIED_NAME: len(table) - sum(named.values())}
 
 
 def run_slide(

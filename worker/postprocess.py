@@ -42,6 +42,8 @@ PQ on held-out CoNSeP for the 20× default model (docs/model-card.md).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import math
 import numbers
@@ -63,6 +65,7 @@ __all__ = [
     "HoverInstances",
     "PostprocessConstants",
     "PostprocessOptions",
+    "apply_class_options",
     "hover_instances",
     "measure_nuclei",
     "scaled_constants",
@@ -128,13 +131,23 @@ class PostprocessOptions:
     upsample : int
         Factor (1..4) by which the maps are upsampled, bilinearly, before segmentation; 1 keeps
         the model's grid.
+    class_prob_calibration : tuple of (float, float)
+        Points ``(vote, probability)`` of a non-decreasing map from a nucleus's raw class score
+        (the share of its pixels voting for its class) to the probability that the class is
+        right, measured on validation data (linear between points); empty keeps the raw share.
+    min_class_prob : float
+        Nuclei whose (calibrated) class probability is below this are reported unclassified
+        (class 0); 0 classifies every nucleus.
     """
 
     np_threshold: float = 0.5
     marker_threshold: float = 0.4
     upsample: int = 1
+    class_prob_calibration: tuple[tuple[float, float], ...] = ()
+    min_class_prob: float = 0.0
 
-    KEYS: ClassVar[tuple[str, ...]] = ("np_threshold", "marker_threshold", "upsample")
+    KEYS: ClassVar[tuple[str, ...]] = ("np_threshold", "marker_threshold", "upsample",
+                                       "class_prob_calibration", "min_class_prob")
 
     def __post_init__(self) -> None:
         for name in ("np_threshold", "marker_threshold"):
@@ -144,11 +157,60 @@ class PostprocessOptions:
         if (isinstance(self.upsample, bool) or not isinstance(self.upsample, int | np.integer)
                 or not 1 <= self.upsample <= MAX_UPSAMPLE):
             raise ValueError(f"upsample must be an integer in 1..{MAX_UPSAMPLE}, got {self.upsample!r}")
+        if isinstance(self.min_class_prob, bool) or not _finite_number(self.min_class_prob) \
+                or not 0 <= self.min_class_prob <= 1:
+            raise ValueError(f"min_class_prob must be within 0..1, got {self.min_class_prob!r}")
+        _check_calibration(self.class_prob_calibration)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> PostprocessOptions:
         """Options from a card's ``postprocess`` (other keys ignored; missing ones default)."""
-        return cls(**{k: values[k] for k in cls.KEYS if k in values})
+        found = {k: values[k] for k in cls.KEYS if k in values}
+        if "class_prob_calibration" in found:
+            try:
+                found["class_prob_calibration"] = tuple(
+                    (float(x), float(y)) for x, y in found["class_prob_calibration"])
+            except (TypeError, ValueError) as exc:
+                raise ValueError("class_prob_calibration must be a list of [vote, probability] pairs") \
+                    from exc
+        return cls(**found)
+
+    def class_probability(self, vote: float) -> float:
+        """The calibrated class probability of a nucleus whose class got ``vote`` of its pixels."""
+        if not self.class_prob_calibration:
+            return float(vote)
+        xs, ys = zip(*self.class_prob_calibration, strict=True)
+        return float(np.interp(vote, xs, ys))
+
+
+def _check_calibration(points: tuple[tuple[float, float], ...]) -> None:
+    if not points:
+        return
+    xs = [x for x, _ in points]
+    ys = [y for _, y in points]
+    rising = all(b > a for a, b in itertools.pairwise(xs))
+    monotone = all(b >= a for a, b in itertools.pairwise(ys))
+    if len(points) < 2 or not all(math.isfinite(v) and 0 <= v <= 1 for v in xs + ys) \
+            or not rising or not monotone:
+        raise ValueError("class_prob_calibration wants >= 2 points (vote, probability) within 0..1, "
+                         "votes increasing and probabilities non-decreasing")
+
+
+def apply_class_options(result: HoverInstances, options: PostprocessOptions) -> HoverInstances:
+    """Calibrate each typed nucleus's class probability and leave the unsure ones unclassified."""
+    if not options.class_prob_calibration and options.min_class_prob == 0:
+        return result
+    nuclei = []
+    for nucleus in result.nuclei:
+        if nucleus.type == 0:
+            nuclei.append(nucleus)
+            continue
+        prob = options.class_probability(nucleus.type_prob)
+        if prob < options.min_class_prob:
+            nuclei.append(dataclasses.replace(nucleus, type=0, type_prob=prob))
+        else:
+            nuclei.append(dataclasses.replace(nucleus, type_prob=prob))
+    return HoverInstances(result.labels, nuclei)
 
 
 def upsample_maps(
@@ -196,8 +258,9 @@ def segment_maps(
     The labels and nuclei are in the pixels of the upsampled grid."""
     factor = options.upsample
     np_prob, hv, types = upsample_maps(np_prob, hv, types, factor)
-    return hover_instances(np_prob, hv, types, mpp=mpp / factor, np_threshold=options.np_threshold,
-                           marker_threshold=options.marker_threshold)
+    result = hover_instances(np_prob, hv, types, mpp=mpp / factor, np_threshold=options.np_threshold,
+                             marker_threshold=options.marker_threshold)
+    return apply_class_options(result, options) if types is not None else result
 
 
 def _finite_number(value: object) -> bool:

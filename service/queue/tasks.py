@@ -105,6 +105,7 @@ def _options(record: JobRecord, model_path: Path, ctx: TaskContext):
         region_size=opts.region_size or ctx.settings.region_size,
         batch_size=ctx.settings.batch_size, workers=0, device=ctx.settings.device,  # type: ignore[arg-type]
         tissue="auto" if opts.tissue_mask else "none", objects=opts.objects,
+        min_class_prob=opts.min_class_prob,
     )
 
 

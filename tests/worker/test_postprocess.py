@@ -635,3 +635,42 @@ def test_written_out_flood_is_scikit_images_when_markers_do_not_tie() -> None:
         markers = np.where(rng.random((40, 50)) < 0.03, rng.integers(1, 9, (40, 50)), 0).astype(np.int32)
         np.testing.assert_array_equal(_flood(energy, markers, mask, {}),
                                       watershed(energy, markers=markers, mask=mask))
+
+
+# --------------------------------------------------------------------------- class probabilities
+
+
+def test_class_calibration_and_floor_are_checked_card_options() -> None:
+    card = {"class_prob_calibration": [[0.2, 0.1], [1.0, 0.9]], "min_class_prob": 0.5}
+    options = PostprocessOptions.from_mapping(card)
+    assert options.class_prob_calibration == ((0.2, 0.1), (1.0, 0.9))
+    assert options.class_probability(0.6) == pytest.approx(0.5)
+    assert options.class_probability(0.0) == pytest.approx(0.1)  # flat beyond the ends
+    for bad in ({"min_class_prob": 1.5}, {"min_class_prob": float("nan")},
+                {"class_prob_calibration": [[0.5, 0.5]]},
+                {"class_prob_calibration": [[0.5, 0.6], [0.4, 0.7]]},
+                {"class_prob_calibration": [[0.2, 0.6], [0.4, 0.5]]},
+                {"class_prob_calibration": "steep"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            PostprocessOptions.from_mapping(bad)
+
+
+def test_nuclei_below_the_class_floor_are_left_unclassified(drawn: tuple) -> None:
+    inst, type_map, np_prob, hv = drawn
+    rng = np.random.default_rng(5)
+    noisy = type_map.copy()
+    flip = (inst > 0) & (rng.random(inst.shape) < 0.4)
+    noisy[flip] = rng.integers(1, 5, int(flip.sum()))
+    plain = segment_maps(np_prob, hv, noisy, mpp=0.25, options=PostprocessOptions())
+    floor = 0.75
+    floored = segment_maps(np_prob, hv, noisy, mpp=0.25, options=PostprocessOptions(min_class_prob=floor))
+    np.testing.assert_array_equal(plain.labels, floored.labels)  # outlines never change
+    unsure = [a.type_prob < floor for a in plain.nuclei]
+    assert 0 < sum(unsure) < len(unsure)
+    for before, after, low in zip(plain.nuclei, floored.nuclei, unsure, strict=True):
+        assert after.type == (0 if low else before.type)
+        assert after.type_prob == before.type_prob
+    calibrated = segment_maps(np_prob, hv, noisy, mpp=0.25, options=PostprocessOptions(
+        class_prob_calibration=((0.0, 0.0), (1.0, 0.5))))
+    assert [n.type for n in calibrated.nuclei] == [n.type for n in plain.nuclei]
+    assert [n.type_prob for n in calibrated.nuclei] == pytest.approx([n.type_prob / 2 for n in plain.nuclei])
