@@ -31,6 +31,7 @@ __all__ = [
     "card_postprocess",
     "evaluate_model",
     "instances_from_maps",
+    "nuclei_from_maps",
     "predict_image_maps",
     "predict_instances",
     "sweep_postprocess",
@@ -96,17 +97,26 @@ def predict_image_maps(model: Any, image: NDArray[np.uint8], mpp: float) -> Imag
     )
 
 
-def instances_from_maps(
+def nuclei_from_maps(
     maps: ImageMaps, mpp: float, postprocess: Mapping[str, Any]
-) -> tuple[NDArray[np.int32], dict[int, int]]:
+) -> tuple[NDArray[np.int32], dict[int, tuple[int, float]]]:
     """Post-processing of ``maps`` (made at ``mpp``) as a slide job does it: a label map at the
-    image's size (nearest neighbour where the two grids differ) and each label's type."""
+    image's size (nearest neighbour where the two grids differ) and each label's (type, class
+    probability)."""
     options = PostprocessOptions.from_mapping(postprocess)
     found = segment_maps(maps.np_prob, maps.hv, maps.types, mpp=mpp, options=options)
     labels = found.labels.astype(np.int32)
     if labels.shape != maps.shape:
         labels = _resize(labels, maps.shape, cv2.INTER_NEAREST)
-    return labels, {int(n.label): int(n.type) for n in found.nuclei}
+    return labels, {int(n.label): (int(n.type), float(n.type_prob)) for n in found.nuclei}
+
+
+def instances_from_maps(
+    maps: ImageMaps, mpp: float, postprocess: Mapping[str, Any]
+) -> tuple[NDArray[np.int32], dict[int, int]]:
+    """:func:`nuclei_from_maps` without the probabilities: labels and each label's type."""
+    labels, nuclei = nuclei_from_maps(maps, mpp, postprocess)
+    return labels, {label: kind for label, (kind, _) in nuclei.items()}
 
 
 def card_postprocess(card: Any) -> dict[str, Any]:

@@ -261,6 +261,36 @@ def _cmd_model_refit_types(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reliability_rows(table: dict[str, Any]) -> list[list[str]]:
+    return [[f"{row['from']:.1f}-{row['to']:.1f}", f"{row['n']:,}", f"{row['mean_probability']:.3f}",
+             f"{row['share_right']:.3f}"] for row in table["bins"]]
+
+
+def _cmd_model_calibrate(args: argparse.Namespace) -> int:
+    from models.calibration import Outcomes, class_outcomes, fit_calibration, reliability_table
+    from models.card import read_card, replace_card
+    from worker.postprocess import PostprocessOptions
+
+    source = _resolve_model(args.model)
+    outcomes = Outcomes.concat([class_outcomes(source, data, split=args.split, only=args.only or ())
+                                for data in args.data])
+    try:
+        points = fit_calibration(outcomes.scores, outcomes.correct, bins=args.bins)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    options = PostprocessOptions(class_prob_calibration=points)
+    after = [options.class_probability(s) for s in outcomes.scores]
+    header = ["score", "nuclei", "mean probability", "share right"]
+    for title, scores in (("before (raw vote share)", outcomes.scores), ("after calibration", after)):
+        table = reliability_table(scores, outcomes.correct, bins=args.bins)
+        _print_tables([(f"{title}: ECE {table['ece']:.3f}", header, _reliability_rows(table))])
+    card = read_card(source)
+    postprocess = {**card.postprocess, "class_prob_calibration": [list(p) for p in points]}
+    replace_card(source, args.output, card.model_copy(update={"postprocess": postprocess}))
+    print(f"wrote {args.output}: {card.name}, class_prob_calibration {json.dumps(points)}")
+    return 0
+
+
 def _cmd_model_export(args: argparse.Namespace) -> int:
     from models.train import export_trained
 
@@ -366,7 +396,7 @@ def _cmd_model_evaluate(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {}
     for data in args.data:
         if is_point_dataset(data):
-            if grid:
+            if asked:
                 raise UsageError(f"{data} has point labels: post-processing sweeps need outlines")
             scored = evaluate_points(model, data, split=args.split, only=args.only or (),
                                      device=args.device, progress=True)
@@ -470,6 +500,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name"), p.add_argument("--version"), p.add_argument("--description")
     p.add_argument("--metrics", metavar="JSON", help="measured metrics to store in the card")
     p.set_defaults(func=_cmd_model_refit_types)
+    p = msub.add_parser("calibrate",
+                        help="fit a model's class probabilities to validation data; reliability table")
+    p.add_argument("model", help="ONNX model file or bundled model name")
+    p.add_argument("data", nargs="+", help="point data sets (points.npz) or classified outline data sets")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--split", help="point data sets: the split to use, e.g. val")
+    p.add_argument("--only", nargs="+", metavar="PREFIX", help="only images whose name starts so")
+    p.add_argument("--bins", type=_positive_int, default=10)
+    p.set_defaults(func=_cmd_model_calibrate)
     p = msub.add_parser("train", help="train a model from a config file")
     p.add_argument("config")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")

@@ -137,7 +137,7 @@ def test_roi_limits_the_work_to_a_box(oracle_model: Path, tmp_path: Path) -> Non
                  "--quiet"]) == 0
     import zarr
 
-    table = zarr.open_group(str(out / "nuclei.zarr"), mode="r")
+    table = zarr.open_group(zarr.storage.ZipStore(out / "nuclei.zarr.zip", mode="r"), mode="r")
     centroid = np.asarray(table["centroid"])
     assert len(centroid) > 0
     x, y, w, h = box
@@ -221,3 +221,52 @@ def test_commands_that_need_torch_say_how_to_get_it(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(models.train, "train", no_torch)
     assert main(["model", "train", "configs/smoke.yaml"]) == EXIT_USAGE
     assert "needs PyTorch: pip install -e '.[torch]'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the client commands
+
+
+def test_jobs_needs_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["jobs"])
+    assert exit_info.value.code == EXIT_USAGE
+    assert "list,status,download,cancel,retry,delete" in capsys.readouterr().err
+
+
+def test_submit_names_a_missing_slide_before_calling_the_server(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code = main(["submit", str(tmp_path / "nope.svs"), "--server", "http://127.0.0.1:9"])
+    assert code == EXIT_USAGE
+    assert capsys.readouterr().err.strip() == f"hoverserve: error: slide not found: {tmp_path / 'nope.svs'}"
+
+
+@pytest.mark.parametrize("command", [["jobs", "list"], ["jobs", "status", "x"], ["jobs", "delete", "x"]])
+def test_client_commands_refuse_a_server_without_scheme(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*command, "--server", "localhost:8000"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "must start with http:// or https://" in err
+
+
+def test_point_data_evaluate_and_calibrate(oracle_model: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from models.card import read_card
+    from tests.models.test_evaluate_points import _write_points
+
+    data = tmp_path / "points"
+    _write_points(data)
+    scores = tmp_path / "scores.json"
+    assert main(["model", "evaluate", str(oracle_model), str(data), "--split", "val",
+                 "--json", str(scores)]) == 0
+    result = json.loads(scores.read_text())[str(data)]
+    assert result["detection"]["f1_d"] == 1.0 and result["split"] == "val"
+    assert "mean F_c" in capsys.readouterr().out
+    out = tmp_path / "calibrated.onnx"
+    assert main(["model", "calibrate", str(oracle_model), str(data), "-o", str(out), "--bins", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "before (raw vote share)" in printed and "after calibration" in printed
+    assert read_card(out).postprocess["class_prob_calibration"]
+    assert main(["model", "evaluate", str(oracle_model), str(data), "--np-threshold", "0.4"]) == EXIT_USAGE
+    assert "point labels" in capsys.readouterr().err
