@@ -3,6 +3,7 @@
 Nuclei are hand-made polygons with known troubles (a bow-tie, three collinear points, a vertex that
 rounding pushes onto an edge, 4-decimal coordinates, a nucleus crossing the slide's edge), and every
 GeoJSON file written is run through the shared re-implementation of QuPath's importer checks.
+The re-export of large tables and a real run's consistency are in ``test_export_qupath.py``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import math
 import subprocess
 import sys
 import uuid
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import fsspec
@@ -23,24 +26,27 @@ import numpy as np
 import pytest
 import shapely
 import zarr
+from zarr.storage import ZipStore
 
 from models.card import ClassInfo, ModelCard
 from worker.nuclei import NucleusTable
 from worker.writers import (
-    NUCLEUS_CLASS,
+    UNCLASSIFIED,
+    GeoJSONWritten,
     clean_polygons,
     count_grid,
     draw_overlay,
     file_sha256,
     nucleus_ids,
+    open_table,
     read_table,
+    run_key,
     write_all,
     write_counts,
     write_geojson,
     write_manifest,
     write_overlay,
     write_table,
-    zip_zarr,
 )
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
@@ -139,18 +145,32 @@ def table() -> NucleusTable:
     return make_table(POLYGONS, TYPES)
 
 
-def write(table: NucleusTable, root: Path, **options: object) -> list[str]:
+def write(table: NucleusTable, root: Path, **options: Any) -> GeoJSONWritten:
+    options.setdefault("seed", SEED)
     return write_geojson(table, fs=fsspec.filesystem("file"), root=str(root), classes=CLASSES,
-                         seed=SEED, slide_shape=SLIDE_SHAPE, **options)
+                         slide_shape=SLIDE_SHAPE, **options)
+
+
+def zip_features(path: Path) -> dict[str, list[dict]]:
+    """Features of every entry of a ``nuclei.zip``, by entry name."""
+    with zipfile.ZipFile(path) as archive:
+        return {name: json.loads(archive.read(name))["features"] for name in archive.namelist()}
+
+
+def open_zarr(path: Path) -> zarr.Group:
+    return zarr.open_group(ZipStore(path, mode="r"), mode="r")
 
 
 # --------------------------------------------------------------------------------- GeoJSON
 
 
 def test_geojson_passes_the_qupath_checker(table: NucleusTable, tmp_path: Path) -> None:
-    names = write(table, tmp_path)
+    written = write(table, tmp_path)
 
-    assert names == ["nuclei.geojson.gz", "nuclei-index.json"]
+    # One file, no index: everything fits in one entry.
+    assert written.names == ["nuclei.geojson.gz"] and written.entries == [
+        ("nuclei.geojson.gz", len(table) - 1)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nuclei.geojson.gz"]
     assert_qupath_accepts(str(tmp_path / "nuclei.geojson.gz"))
     assert f"n={len(table) - 1} " in run_checker(str(tmp_path / "nuclei.geojson.gz"))
 
@@ -171,15 +191,39 @@ def test_features_are_classified_detections(table: NucleusTable, tmp_path: Path,
         assert feature["geometry"]["type"] == "Polygon"
         assert len(feature["geometry"]["coordinates"]) == 1
         assert len(ring) >= 4 and ring[0] == ring[-1]
+        assert "nucleusGeometry" not in feature
     assert by_id[ids[BOW_TIE_ROW]]["properties"]["classification"] == {
         "name": "Lymphocyte", "color": [0, 128, 255]}
     assert [f["id"] for f in written] == [ids[r] for r in (0, 1, 3, 4, 5, 6)]  # table order
 
 
+def test_unclassified_nuclei_carry_no_classification(tmp_path: Path, local) -> None:
+    typed = make_table(POLYGONS, [0, 2, 1, 1, 0, 0, 1])
+    write(typed, tmp_path / "typed")
+    write_geojson(typed, fs=local, root=str(tmp_path / "untyped"), classes=(), seed=SEED,
+                  slide_shape=SLIDE_SHAPE)
+    ids = nucleus_ids(SEED, range(len(typed)))
+
+    by_id = {f["id"]: f for f in features(local, str(tmp_path / "typed" / "nuclei.geojson.gz"))}
+    for row in (0, 4, 5):
+        properties = by_id[ids[row]]["properties"]
+        assert "classification" not in properties
+        assert "Class probability" not in properties["measurements"]
+        assert "Detection probability" in properties["measurements"]
+    assert by_id[ids[6]]["properties"]["classification"]["name"] == "Tumour"
+    assert "Class probability" in by_id[ids[6]]["properties"]["measurements"]
+    untyped = features(local, str(tmp_path / "untyped" / "nuclei.geojson.gz"))
+    assert len(untyped) == 6
+    assert all("classification" not in f["properties"] for f in untyped)
+    assert all("Class probability" not in f["properties"]["measurements"] for f in untyped)
+    assert_qupath_accepts(str(tmp_path / "typed" / "nuclei.geojson.gz"),
+                          str(tmp_path / "untyped" / "nuclei.geojson.gz"))
+
+
 def test_bow_tie_is_repaired_and_degenerate_dropped(table: NucleusTable, tmp_path: Path,
                                                     local) -> None:
     assert not shapely.Polygon(BOW_TIE).is_valid
-    write(table, tmp_path)
+    written = write(table, tmp_path)
     by_id = {f["id"]: f for f in features(local, str(tmp_path / "nuclei.geojson.gz"))}
     ids = nucleus_ids(SEED, range(len(table)))
 
@@ -187,9 +231,9 @@ def test_bow_tie_is_repaired_and_degenerate_dropped(table: NucleusTable, tmp_pat
     assert bow_tie.is_valid and bow_tie.geom_type == "Polygon"
     assert bow_tie.area == pytest.approx(400.0)  # one of the two 400 px² triangles
     assert ids[COLLINEAR_ROW] not in by_id
-    index = json.loads((tmp_path / "nuclei-index.json").read_text())
-    assert index["dropped"] == 1 and index["dropped_rows"] == [COLLINEAR_ROW]
-    assert index["total"] == len(table) - 1
+    assert written.dropped_rows == [COLLINEAR_ROW] and written.repaired == 2
+    assert written.stats == {"written": len(table) - 1, "repaired": 2, "dropped": 1,
+                             "file": "nuclei.geojson.gz", "entries": 1}
 
 
 def test_polygon_broken_by_rounding_is_repaired(table: NucleusTable, tmp_path: Path,
@@ -199,7 +243,7 @@ def test_polygon_broken_by_rounding_is_repaired(table: NucleusTable, tmp_path: P
     polygons = clean_polygons(table, slide_shape=SLIDE_SHAPE)
     assert polygons.repaired.tolist() == [BOW_TIE_ROW, NOTCH_ROW]
 
-    write(table, tmp_path, polygons=polygons)
+    write(table, tmp_path)
     by_id = {f["id"]: f for f in features(local, str(tmp_path / "nuclei.geojson.gz"))}
     notch = shapely.geometry.shape(by_id[nucleus_ids(SEED, [NOTCH_ROW])[0]]["geometry"])
     # The touch splits the ring into two 25 px² triangles; the larger (first) one is kept.
@@ -207,7 +251,7 @@ def test_polygon_broken_by_rounding_is_repaired(table: NucleusTable, tmp_path: P
 
 
 def test_contour_spike_is_cut_and_nuclei_outside_the_slide_or_not_finite_dropped() -> None:
-    spike = [(10, 10), (20, 10), (20, 15), (25, 15), (20, 15), (20, 20), (10, 20)]  # a cv2 habit
+    spike = [(10, 10), (20, 10), (20, 15), (25, 15), (20, 15), (20, 20), (10, 20)]
     outside = square(2100, 500)
     not_a_number = [(50, 50), (60, math.nan), (60, 60)]
     polygons = clean_polygons(make_table([spike, outside, not_a_number], [1, 1, 1]),
@@ -276,6 +320,51 @@ def test_measurements_are_finite_numbers_and_nan_is_skipped(table: NucleusTable,
     assert written[0]["properties"]["measurements"]["Area µm^2"] == 20.0
 
 
+def test_table_measurements_are_written_verbatim_and_replace_ours(tmp_path: Path,
+                                                                  local) -> None:
+    nuclei = make_table([SQUARE, HEXAGON], [1, 0], nan_eccentricity_row=None)
+    nuclei.measurements = {"Nucleus: Area µm^2": np.array([100.0, 7.5], np.float32),
+                           "Nucleus: Hematoxylin OD mean": np.array([0.25, np.nan], np.float32)}
+    write(nuclei, tmp_path)
+    first, second = features(local, str(tmp_path / "nuclei.geojson.gz"))
+
+    assert list(first["properties"]["measurements"]) == [
+        "Nucleus: Area µm^2", "Nucleus: Hematoxylin OD mean", "Perimeter µm", "Solidity",
+        "Eccentricity", "Class probability", "Detection probability"]
+    assert first["properties"]["measurements"]["Nucleus: Area µm^2"] == 100.0
+    assert "Nucleus: Hematoxylin OD mean" not in second["properties"]["measurements"]
+    write(nuclei, tmp_path / "some", measurements=["Detection probability",
+                                                   "Nucleus: Area µm^2"])
+    (chosen, _) = features(local, str(tmp_path / "some" / "nuclei.geojson.gz"))
+    assert list(chosen["properties"]["measurements"]) == ["Detection probability",
+                                                          "Nucleus: Area µm^2"]
+    with pytest.raises(ValueError, match="unknown measurement"):
+        write(nuclei, tmp_path / "bad", measurements=["Nucleus: Colour"])
+
+
+def test_cells_carry_the_nucleus_as_nucleus_geometry(tmp_path: Path, local) -> None:
+    nuclei = make_table([square(100, 100), square(200, 100)], [1, 0])
+    cells = [square(95, 95, 20), [(190, 90), (220, 90), (205, 90)]]  # the second is degenerate
+    nuclei.cell_vertices = np.concatenate([np.asarray(c, np.float32) for c in cells])
+    nuclei.cell_offsets = np.array([0, 4, 7], np.int64)
+    written = write(nuclei, tmp_path)
+    first, second = features(local, str(tmp_path / "nuclei.geojson.gz"))
+
+    assert written.total == 2
+    assert first["properties"]["objectType"] == "cell"
+    assert shapely.geometry.shape(first["geometry"]).area == 400.0
+    assert shapely.geometry.shape(first["nucleusGeometry"]).area == 100.0
+    # A cell boundary that cannot be written falls back to the nucleus outline.
+    assert second["geometry"] == second["nucleusGeometry"]
+    assert_qupath_accepts(str(tmp_path / "nuclei.geojson.gz"))
+    detections = write(nuclei, tmp_path / "detections", objects="detections")
+    assert detections.total == 2
+    only = features(local, str(tmp_path / "detections" / "nuclei.geojson.gz"))
+    assert {f["properties"]["objectType"] for f in only} == {"detection"}
+    with pytest.raises(ValueError, match="cell boundaries"):
+        write(make_table([SQUARE], [1]), tmp_path / "none", objects="cells")
+
+
 def test_ids_are_stable_uuids(table: NucleusTable, tmp_path: Path, local) -> None:
     write(table, tmp_path / "a")
     write(table, tmp_path / "b")
@@ -289,37 +378,52 @@ def test_ids_are_stable_uuids(table: NucleusTable, tmp_path: Path, local) -> Non
     assert nucleus_ids("another slide", [0]) != nucleus_ids(SEED, [0])
 
 
-def test_large_slides_are_split_into_parts(tmp_path: Path, local) -> None:
-    seven = make_table([square(20 + 30 * i, 40) for i in range(7)], [1, 2, 3, 1, 2, 3, 1])
-    names = write(seven, tmp_path, max_per_file=3)
+def test_run_key_changes_with_everything_that_changes_the_nuclei() -> None:
+    full = {"roi": None, "mpp": None, "region_size": 2048, "tissue": "auto", "halo_um": 8.0}
+    key = run_key(SEED, CARD, full)
 
-    parts = ["nuclei-part-001.geojson.gz", "nuclei-part-002.geojson.gz",
-             "nuclei-part-003.geojson.gz"]
-    assert names == [*parts, "nuclei-index.json"]
-    assert not (tmp_path / "nuclei.geojson.gz").exists()
-    assert_qupath_accepts(*(str(tmp_path / p) for p in parts))
-    counts = [len(features(local, str(tmp_path / p))) for p in parts]
-    assert counts == [3, 3, 1]
+    # The same job again, with other workers or batch sizes: the same key.
+    assert run_key(SEED, CARD, {**full, "batch_size": 2, "workers": 1, "job": "x"}) == key
+    others = [
+        run_key("another slide", CARD, full),
+        run_key(SEED, CARD, {**full, "roi": [0, 0, 500, 500]}),
+        run_key(SEED, CARD, {**full, "mpp": 0.5}),
+        run_key(SEED, CARD, {**full, "region_size": 1024}),
+        run_key(SEED, CARD, {**full, "tissue": "none"}),
+        run_key(SEED, CARD.model_copy(update={"version": "2"}), full),
+        run_key(SEED, CARD.model_copy(update={"postprocess": {"np_threshold": 0.6}}), full),
+    ]
+    assert len({key, *others}) == len(others) + 1
+    assert not set(nucleus_ids(key, range(100))) & set(nucleus_ids(others[1], range(100)))
+
+
+def test_large_outputs_are_one_zip_of_entries_under_the_budget(tmp_path: Path) -> None:
+    many = make_table([square(20 + 12 * (i % 150), 20 + 12 * (i // 150)) for i in range(900)],
+                      [i % 4 for i in range(900)])
+    # Leave a one-file output of an earlier run behind: it must go.
+    write(many.take(np.arange(3)), tmp_path)
+    written = write(many, tmp_path, entry_bytes=60_000)
+
+    assert written.names == ["nuclei.zip", "nuclei-index.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nuclei-index.json", "nuclei.zip"]
+    entries = zip_features(tmp_path / "nuclei.zip")
+    names = [f"nuclei-{i:03d}.geojson" for i in range(1, len(entries) + 1)]
+    assert list(entries) == names and len(names) > 3
+    with zipfile.ZipFile(tmp_path / "nuclei.zip") as archive:
+        infos = archive.infolist()
+    assert all(i.compress_type == zipfile.ZIP_DEFLATED and i.file_size < 60_000 for i in infos)
+    assert all(i.file_size > 40_000 for i in infos[:-1])  # the bound is not too loose
+    assert [written.entries] == [[(n, len(entries[n])) for n in names]]
+    ids = [f["id"] for n in names for f in entries[n]]
+    assert ids == nucleus_ids(SEED, range(900))
     index = json.loads((tmp_path / "nuclei-index.json").read_text())
-    assert index["parts"] == [{"name": p, "count": c} for p, c in zip(parts, counts, strict=True)]
-    assert index["total"] == 7
-    ids = [f["id"] for p in parts for f in features(local, str(tmp_path / p))]
-    assert ids == nucleus_ids(SEED, range(7))
+    assert index["file"] == "nuclei.zip" and index["total"] == 900
+    assert index["entries"] == [{"name": n, "count": len(entries[n])} for n in names]
+    assert_qupath_accepts(str(tmp_path / "nuclei.zip"))
 
-    # A re-run that fits in one file leaves no stale parts behind.
-    assert write(seven, tmp_path)[0] == "nuclei.geojson.gz"
-    assert sorted(p.name for p in tmp_path.glob("*.geojson.gz")) == ["nuclei.geojson.gz"]
-
-
-def test_untyped_model_writes_nucleus_class(table: NucleusTable, tmp_path: Path, local) -> None:
-    write_geojson(table, fs=local, root=str(tmp_path), classes=(), seed=SEED,
-                  slide_shape=SLIDE_SHAPE)
-    written = features(local, str(tmp_path / "nuclei.geojson.gz"))
-
-    assert {json.dumps(f["properties"]["classification"]) for f in written} == {
-        json.dumps({"name": "Nucleus", "color": list(NUCLEUS_CLASS.colour)})}
-    assert all("Class probability" not in f["properties"]["measurements"] for f in written)
-    assert_qupath_accepts(str(tmp_path / "nuclei.geojson.gz"))
+    # A re-run that fits in one file leaves neither the zip nor the index behind.
+    assert write(many, tmp_path).names == ["nuclei.geojson.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nuclei.geojson.gz"]
 
 
 def test_empty_table_writes_an_empty_collection(tmp_path: Path, local) -> None:
@@ -330,12 +434,16 @@ def test_empty_table_writes_an_empty_collection(tmp_path: Path, local) -> None:
 
 
 def test_geojson_rejects_bad_arguments(table: NucleusTable, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="max_per_file"):
-        write(table, tmp_path, max_per_file=0)
+    with pytest.raises(ValueError, match="entry_bytes"):
+        write(table, tmp_path, entry_bytes=0)
+    with pytest.raises(ValueError, match="objects"):
+        write(table, tmp_path, objects="annotations")
     with pytest.raises(ValueError, match="slide_shape"):
         clean_polygons(table, slide_shape=(0, 100))
     with pytest.raises(ValueError, match="types span"):
         write(make_table([SQUARE], [7]), tmp_path)
+    with pytest.raises(ValueError, match="ids"):
+        write(table, tmp_path, ids=["x"])
     with pytest.raises(TypeError, match="fsspec"):
         write_geojson(table, fs=str(tmp_path), root=str(tmp_path), classes=CLASSES, seed=SEED,
                       slide_shape=SLIDE_SHAPE)
@@ -356,19 +464,19 @@ def test_counts_cover_every_class_with_densities(table: NucleusTable, tmp_path: 
     assert counts["total"] == 7 and counts["unclassified"] == 0
     assert counts["tissue_area_mm2"] == 0.5 and counts["analysed_area_mm2"] == 0.75
     assert counts["density_per_mm2"] == {"Tumour": 8.0, "Lymphocyte": 6.0, "Stroma": 0.0,
-                                         "total": 14.0}
+                                         "unclassified": 0.0, "total": 14.0}
 
 
-def test_counts_without_tissue_are_zero_not_null(table: NucleusTable, tmp_path: Path,
-                                                 local) -> None:
+def test_counts_of_an_untyped_model_are_all_unclassified(table: NucleusTable, tmp_path: Path,
+                                                         local) -> None:
     write_counts(table, fs=local, root=str(tmp_path), classes=(), tissue_area_mm2=0.0)
     text = (tmp_path / "counts.json").read_text()
     counts = json.loads(text)
 
     assert "null" not in text and "NaN" not in text
-    assert counts["classes"] == {"Nucleus": 7} and counts["total"] == 7
-    assert counts["density_per_mm2"] == {"Nucleus": 0.0, "total": 0.0}
-    assert "analysed_area_mm2" not in counts and "unclassified" not in counts
+    assert counts["classes"] == {} and counts["unclassified"] == 7 and counts["total"] == 7
+    assert counts["density_per_mm2"] == {"unclassified": 0.0, "total": 0.0}
+    assert "analysed_area_mm2" not in counts
     with pytest.raises(ValueError, match="tissue_area_mm2"):
         write_counts(table, fs=local, root=str(tmp_path), classes=(), tissue_area_mm2=math.nan)
 
@@ -382,22 +490,53 @@ def assert_tables_equal(actual: NucleusTable, expected: NucleusTable) -> None:
         got, want = getattr(actual, name), getattr(expected, name)
         assert got.dtype == want.dtype, name
         np.testing.assert_array_equal(got, want, err_msg=name)
+    assert list(actual.measurements) == list(expected.measurements)
+    for name, values in expected.measurements.items():
+        np.testing.assert_array_equal(actual.measurements[name], values, err_msg=name)
+    for name in ("cell_vertices", "cell_offsets"):
+        got, want = getattr(actual, name), getattr(expected, name)
+        assert (got is None) == (want is None), name
+        if want is not None:
+            np.testing.assert_array_equal(got, want, err_msg=name)
 
 
 def test_zarr_round_trip(table: NucleusTable, tmp_path: Path, local) -> None:
     names = write_table(table, fs=local, root=str(tmp_path), classes=CLASSES, mpp=MPP,
                         slide_shape=SLIDE_SHAPE, seed=SEED, chunk_rows=4)
 
-    assert names == ["nuclei.zarr", "nuclei.zarr.zip"]
+    assert names == ["nuclei.zarr.zip"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nuclei.zarr.zip"]
     assert_tables_equal(read_table(local, str(tmp_path)), table)
-    assert_tables_equal(read_table(local, str(tmp_path), name="nuclei.zarr.zip"), table)
-    group = zarr.open_group(str(tmp_path / "nuclei.zarr"), mode="r")
+    group = open_zarr(tmp_path / "nuclei.zarr.zip")
     assert group.metadata.zarr_format == 3
     assert group["id"][...].tolist() == nucleus_ids(SEED, range(len(table)))
     assert group["centroid"].chunks == (4, 2)
     assert group.attrs["mpp"] == MPP and group.attrs["slide_shape"] == list(SLIDE_SHAPE)
     assert group.attrs["classes"][1] == {"index": 1, "name": "Tumour", "colour": [255, 0, 0]}
     assert group.attrs["units"]["area_um2"] == "µm^2"
+    assert group.attrs["unclassified"] == "unclassified" and group.attrs["n"] == len(table)
+    assert group.attrs["ids"]["key"] == SEED and group.attrs["measurements"] == []
+
+
+def test_zarr_keeps_measurements_and_cells_and_reads_rows(tmp_path: Path, memory) -> None:
+    fs, root = memory
+    nuclei = make_table([square(10 * i, 10, 5 + i) for i in range(9)], [1, 0, 2] * 3)
+    nuclei.measurements = {"Nucleus: Area µm^2": np.arange(9, dtype=np.float32),
+                           "Nucleus: Eosin OD mean": np.full(9, np.nan, np.float32)}
+    nuclei.cell_vertices = nuclei.vertices * 1.5
+    nuclei.cell_offsets = nuclei.offsets.copy()
+    write_table(nuclei, fs=fs, root=root, classes=CLASSES, mpp=MPP, slide_shape=SLIDE_SHAPE,
+                seed=SEED, chunk_rows=4)
+
+    assert_tables_equal(read_table(fs, root), nuclei)
+    with open_table(fs, f"{root}/nuclei.zarr.zip") as reader:
+        assert len(reader) == 9 and reader.has_cells
+        assert reader.measurement_names == list(nuclei.measurements)
+        assert reader.slide_shape == SLIDE_SHAPE and reader.classes == list(CLASSES)
+        part, ids = reader.rows(3, 7)
+        assert_tables_equal(part, nuclei.take(np.arange(3, 7)))
+        assert ids == nucleus_ids(SEED, range(3, 7))
+        assert sum(len(t) for t, _ in reader.chunks(4)()) == 9
 
 
 def test_zarr_round_trip_of_an_empty_table(tmp_path: Path, local) -> None:
@@ -405,40 +544,43 @@ def test_zarr_round_trip_of_an_empty_table(tmp_path: Path, local) -> None:
                 slide_shape=SLIDE_SHAPE, seed=SEED)
 
     assert len(read_table(local, str(tmp_path))) == 0
+    grid = open_zarr(tmp_path / "nuclei.zarr.zip")["count_grid"][...]
+    assert grid.shape == (4, 5, 10) and not grid.any()
 
 
-def test_count_grid_bins_nuclei_by_centroid(table: NucleusTable, tmp_path: Path, local) -> None:
-    write_table(table, fs=local, root=str(tmp_path), classes=CLASSES, mpp=MPP,
-                slide_shape=SLIDE_SHAPE, seed=SEED, grid_um=100.0)
-    array = zarr.open_group(str(tmp_path / "nuclei.zarr"), mode="r")["count_grid"]
+def test_reading_what_is_not_a_table_fails_clearly(tmp_path: Path, local) -> None:
+    (tmp_path / "nuclei.zarr.zip").write_text("not a zip")
+    with pytest.raises(ValueError, match="zip"):
+        read_table(local, str(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        read_table(local, str(tmp_path / "nowhere"))
+
+
+def test_count_grid_counts_every_nucleus_by_centroid(tmp_path: Path, local) -> None:
+    nuclei = make_table(POLYGONS, [1, 2, 0, 1, 2, 0, 1])
+    write_table(nuclei, fs=local, root=str(tmp_path), classes=CLASSES, mpp=MPP,
+                slide_shape=SLIDE_SHAPE, seed=SEED, grid_um=100.0, chunk_rows=3)
+    array = open_zarr(tmp_path / "nuclei.zarr.zip")["count_grid"]
     grid = array[...]
 
-    # 100 µm at 0.5 µm/px = 200 px cells over 1000 × 2000 px: 5 rows, 10 columns.
-    assert grid.dtype == np.uint32 and grid.shape == (3, 5, 10)
-    assert grid.sum(axis=(1, 2)).tolist() == [4, 3, 0]
+    # 100 µm at 0.5 µm/px = 200 px cells over 1000 × 2000 px: 5 rows, 10 columns; the three
+    # classes, then unclassified: the grid holds every nucleus.
+    assert grid.dtype == np.uint32 and grid.shape == (4, 5, 10)
+    assert grid.sum(axis=(1, 2)).tolist() == [3, 2, 0, 2] and int(grid.sum()) == len(nuclei)
     assert grid[0, 4, 7] == 1  # the hexagon, centroid (1510, 805): Tumour, row 4, column 7
-    assert grid[1, 3, 9] == 1  # across the edge, centroid (2000, 610): clamped into column 9
+    assert grid[3, 3, 9] == 1  # across the edge, centroid (2000, 610): clamped into column 9
     assert array.attrs["cell_px"] == 200.0 and array.attrs["cell_um"] == 100.0
     assert array.attrs["origin_px"] == [0.0, 0.0]
-    assert array.attrs["classes"] == ["Tumour", "Lymphocyte", "Stroma"]
+    assert array.attrs["classes"] == ["Tumour", "Lymphocyte", "Stroma", "unclassified"]
+    assert array.attrs["class_index"] == [1, 2, 3, 0]
 
 
-def test_count_grid_of_an_untyped_model_has_one_plane(table: NucleusTable) -> None:
+def test_count_grid_of_an_untyped_model_has_one_unclassified_plane(table: NucleusTable) -> None:
     grid, cell_px = count_grid(table, classes=(), mpp=0.25, slide_shape=SLIDE_SHAPE,
                                grid_um=50.0)
 
     assert grid.shape == (1, 5, 10) and cell_px == 200.0
     assert int(grid.sum()) == len(table)
-
-
-def test_zip_zarr_zips_a_store_in_any_filesystem(table: NucleusTable, memory) -> None:
-    fs, root = memory
-    write_table(table, fs=fs, root=root, classes=CLASSES, mpp=MPP, slide_shape=SLIDE_SHAPE,
-                seed=SEED, make_zip=False)
-    assert not fs.exists(f"{root}/nuclei.zarr.zip")
-
-    assert zip_zarr(fs, root) == "nuclei.zarr.zip"
-    assert_tables_equal(read_table(fs, root, name="nuclei.zarr.zip"), table)
 
 
 # --------------------------------------------------------------------------------- overlay
@@ -466,17 +608,34 @@ def test_overlay_draws_class_colours_at_nuclei(tmp_path: Path, local) -> None:
     np.testing.assert_array_equal(cv2.cvtColor(png, cv2.COLOR_BGR2RGB), image)
 
 
-def test_overlay_legend_shows_every_class_colour(table: NucleusTable) -> None:
+def test_overlay_legend_shows_every_class_and_unclassified(table: NucleusTable) -> None:
     image = draw_overlay(np.full((300, 500, 3), 255, np.uint8), make_table([], []),
                          downsample=4.0, classes=CLASSES)
-    corner = image[:80, :160].reshape(-1, 3).tolist()
+    corner = image[:100, :160].reshape(-1, 3).tolist()
 
-    for cls in CLASSES[1:]:
+    for cls in (*CLASSES[1:], UNCLASSIFIED):
         assert list(cls.colour) in corner
     with pytest.raises(TypeError, match="uint8"):
         draw_overlay(np.zeros((10, 10, 3), np.float32), table, downsample=1.0, classes=CLASSES)
     with pytest.raises(ValueError, match="downsample"):
         draw_overlay(np.zeros((10, 10, 3), np.uint8), table, downsample=0.0, classes=CLASSES)
+
+
+def test_unclassified_colour_is_far_from_every_bundled_class_colour() -> None:
+    from models.card import read_card
+    from models.zoo import list_models
+
+    colours = {c.colour for path in list_models() for c in read_card(path).classes[1:]}
+    colours |= {c.colour for c in CLASSES[1:]}
+    grey = np.asarray(UNCLASSIFIED.colour, float)
+    assert colours and min(np.linalg.norm(grey - np.asarray(c, float)) for c in colours) > 120
+
+
+def test_unclassified_nuclei_are_drawn_in_their_own_colour() -> None:
+    nuclei = make_table([square(400, 200, 40)], [0])
+    image = draw_overlay(np.full((250, 500, 3), 255, np.uint8), nuclei, downsample=4.0,
+                         classes=CLASSES, legend=False)
+    assert image[50, 105].tolist() == list(UNCLASSIFIED.colour)
 
 
 # --------------------------------------------------------------------------------- manifest
@@ -509,20 +668,21 @@ def test_manifest_sections_are_strict_json(tmp_path: Path, local) -> None:
 
 
 def run_write_all(table: NucleusTable, fs: fsspec.AbstractFileSystem, root: str,
-                  **options: object) -> dict[str, str]:
+                  **options: Any) -> dict[str, str]:
     thumbnail = np.full((250, 500, 3), 240, np.uint8)
     slide_info = {"name": "slide.svs", "format": "aperio", "shape": list(SLIDE_SHAPE), "mpp": MPP,
                   "sha256": "ab" * 32}
+    parameters = options.pop("parameters", {"batch_size": 8})
     return write_all(table, fs=fs, root=root, card=CARD, slide_info=slide_info,
                      thumbnail=thumbnail, thumbnail_downsample=4.0, tissue_area_mm2=0.5,
-                     parameters={"batch_size": 8}, timings={"infer": 1.5}, seed=SEED, **options)
+                     parameters=parameters, timings={"infer": 1.5}, seed=SEED, **options)
 
 
 def test_write_all_writes_every_output(table: NucleusTable, tmp_path: Path, local) -> None:
     outputs = run_write_all(table, local, str(tmp_path))
 
-    assert set(outputs) == {"nuclei.geojson.gz", "nuclei-index.json", "counts.json",
-                            "nuclei.zarr", "nuclei.zarr.zip", "overlay.png", "manifest.json"}
+    assert set(outputs) == {"nuclei.geojson.gz", "counts.json", "nuclei.zarr.zip",
+                            "overlay.png", "manifest.json"}
     assert all(local.exists(path) for path in outputs.values())
     assert_qupath_accepts(outputs["nuclei.geojson.gz"])
     manifest = json.loads(Path(outputs["manifest.json"]).read_text())
@@ -530,19 +690,40 @@ def test_write_all_writes_every_output(table: NucleusTable, tmp_path: Path, loca
     assert manifest["slide"]["sha256"] == "ab" * 32 and manifest["parameters"]["batch_size"] == 8
     assert manifest["timings"]["infer"] == 1.5 and "write_geojson" in manifest["timings"]
     assert manifest["nuclei"]["total"] == 7 and manifest["nuclei"]["geojson"] == {
-        "written": 6, "repaired": 2, "dropped": 1}
+        "written": 6, "repaired": 2, "dropped": 1, "file": "nuclei.geojson.gz", "entries": 1}
+    # The ids derive from the run key recorded as the seed, the same in GeoJSON and zarr.
+    key = manifest["nuclei"]["seed"]
+    assert key == run_key(SEED, CARD, {"batch_size": 8}) and manifest["nuclei"]["slide_seed"] == SEED
+    ids = nucleus_ids(key, range(len(table)))
+    assert [f["id"] for f in features(local, outputs["nuclei.geojson.gz"])] == [
+        ids[r] for r in (0, 1, 3, 4, 5, 6)]
+    assert open_zarr(tmp_path / "nuclei.zarr.zip")["id"][...].tolist() == ids
     sizes = {o["name"]: o["bytes"] for o in manifest["outputs"]}
     assert sizes["counts.json"] == local.size(outputs["counts.json"])
-    assert sizes["nuclei.zarr"] == local.du(outputs["nuclei.zarr"]) > 0
+    assert sizes["nuclei.zarr.zip"] == local.size(outputs["nuclei.zarr.zip"]) > 0
 
 
-def test_write_all_to_a_memory_filesystem(table: NucleusTable, memory) -> None:
+def test_roi_and_full_runs_share_no_id(table: NucleusTable, tmp_path: Path, local) -> None:
+    full = run_write_all(table, local, str(tmp_path / "full"), parameters={"roi": None})
+    roi = run_write_all(table.take(np.array([6, 4, 0])), local, str(tmp_path / "roi"),
+                        parameters={"roi": [0, 0, 1600, 1000]})
+    again = run_write_all(table, local, str(tmp_path / "again"), parameters={"roi": None})
+
+    def ids(outputs: dict[str, str]) -> list[str]:
+        return [f["id"] for f in features(local, outputs["nuclei.geojson.gz"])]
+
+    assert not set(ids(full)) & set(ids(roi))
+    assert ids(again) == ids(full)
+
+
+def test_write_all_to_a_memory_filesystem_in_several_entries(table: NucleusTable,
+                                                             memory) -> None:
     fs, root = memory
-    outputs = run_write_all(table, fs, root, max_per_file=4)
+    outputs = run_write_all(table, fs, root, entry_bytes=2_000)
 
-    assert outputs["nuclei-part-002.geojson.gz"] == f"{root}/nuclei-part-002.geojson.gz"
-    parts = [features(fs, outputs[f"nuclei-part-00{i}.geojson.gz"]) for i in (1, 2)]
-    assert [len(p) for p in parts] == [4, 2]
+    assert outputs["nuclei.zip"] == f"{root}/nuclei.zip" and "nuclei-index.json" in outputs
+    index = json.loads(fs.cat(outputs["nuclei-index.json"]))
+    assert index["total"] == 6 and len(index["entries"]) > 1
     assert json.loads(fs.cat(outputs["counts.json"]))["classes"]["Tumour"] == 4
     assert_tables_equal(read_table(fs, root), table)
     assert fs.cat(outputs["overlay.png"])[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,58 +17,75 @@ from numpy.typing import NDArray
 
 from models.card import ModelCard
 from worker.nuclei import NucleusTable
-from worker.writers._common import NUCLEUS_CLASS, NUCLEUS_UUID_NAMESPACE, join, nucleus_ids
+from worker.writers._common import (
+    NUCLEUS_CLASS,
+    NUCLEUS_UUID_NAMESPACE,
+    UNCLASSIFIED,
+    UNCLASSIFIED_NAME,
+    join,
+    nucleus_ids,
+    run_key,
+)
 from worker.writers.counts import COUNTS_NAME, count_nuclei, write_counts
+from worker.writers.features import ObjectType, measurement_columns
 from worker.writers.geojson import (
+    ENTRY_BYTES,
     GEOJSON_NAME,
+    GEOJSON_ZIP_NAME,
     INDEX_NAME,
-    MAX_PER_FILE,
-    CleanPolygons,
-    clean_polygons,
-    part_name,
+    GeoJSONWritten,
+    entry_name,
     write_geojson,
+    write_geojson_chunks,
 )
 from worker.writers.manifest import MANIFEST_NAME, file_sha256, software_versions, write_manifest
 from worker.writers.overlay import OVERLAY_NAME, draw_overlay, write_overlay
-from worker.writers.table import (
-    GRID_UM,
-    TABLE_NAME,
-    ZIP_NAME,
-    count_grid,
-    read_table,
-    write_table,
-    zip_zarr,
-)
+from worker.writers.polygons import CleanPolygons, clean_polygons, clean_rings
+from worker.writers.qupath import export_qupath
+from worker.writers.table import GRID_UM, TABLE_NAME, ZIP_NAME, TableWriter, count_grid, write_table
+from worker.writers.table_read import TableReader, open_table, read_table
 
 __all__ = [
     "COUNTS_NAME",
+    "ENTRY_BYTES",
     "GEOJSON_NAME",
+    "GEOJSON_ZIP_NAME",
     "GRID_UM",
     "INDEX_NAME",
     "MANIFEST_NAME",
-    "MAX_PER_FILE",
     "NUCLEUS_CLASS",
     "NUCLEUS_UUID_NAMESPACE",
     "OVERLAY_NAME",
     "TABLE_NAME",
+    "UNCLASSIFIED",
+    "UNCLASSIFIED_NAME",
     "ZIP_NAME",
     "CleanPolygons",
+    "GeoJSONWritten",
+    "ObjectType",
+    "TableReader",
+    "TableWriter",
     "clean_polygons",
+    "clean_rings",
     "count_grid",
     "count_nuclei",
     "draw_overlay",
+    "entry_name",
+    "export_qupath",
     "file_sha256",
+    "measurement_columns",
     "nucleus_ids",
-    "part_name",
+    "open_table",
     "read_table",
+    "run_key",
     "software_versions",
     "write_all",
     "write_counts",
     "write_geojson",
+    "write_geojson_chunks",
     "write_manifest",
     "write_overlay",
     "write_table",
-    "zip_zarr",
 ]
 
 logger = logging.getLogger(__name__)
@@ -106,7 +123,8 @@ def write_all(
     seed: str,
     grid_um: float = GRID_UM,
     analysed_area_mm2: float | None = None,
-    max_per_file: int = MAX_PER_FILE,
+    entry_bytes: int = ENTRY_BYTES,
+    objects: ObjectType | None = None,
 ) -> dict[str, str]:
     """Write every output of a slide under ``root``.
 
@@ -130,23 +148,28 @@ def write_all(
     tissue_area_mm2 : float
         Tissue area for densities.
     parameters : mapping
-        Run parameters, recorded as given.
+        Run parameters, recorded as given; those in :data:`~worker.writers._common.ID_PARAMETERS`
+        enter the run key the nucleus ids derive from.
     timings : mapping
         Stage timings so far, seconds; the writers' own are added in the manifest.
     seed : str
-        Slide identity for stable nucleus UUIDs (e.g. the slide's SHA-256).
+        Slide identity (e.g. the slide's SHA-256), combined with the model and ``parameters``
+        into the run key (:func:`run_key`).
     grid_um : float
         Count-grid cell side, µm.
     analysed_area_mm2 : float, optional
         Area analysed, recorded in ``counts.json``.
-    max_per_file : int
-        Nuclei per GeoJSON part.
+    entry_bytes : int
+        Most JSON bytes per GeoJSON file or zip entry.
+    objects : {"detections", "cells"}, optional
+        QuPath object type (default: cells when the table has cell boundaries).
 
     Returns
     -------
     dict of str to str
-        Output name → path in ``fs`` (GeoJSON part names, ``nuclei-index.json``, ``counts.json``,
-        ``nuclei.zarr``, ``nuclei.zarr.zip``, ``overlay.png``, ``manifest.json``).
+        Output name → path in ``fs``: ``nuclei.geojson.gz`` (or ``nuclei.zip`` and
+        ``nuclei-index.json``), ``counts.json``, ``nuclei.zarr.zip``, ``overlay.png``,
+        ``manifest.json``.
     """
     if not isinstance(card, ModelCard):
         raise TypeError(f"card must be a ModelCard, got {type(card).__name__}")
@@ -154,15 +177,15 @@ def write_all(
     classes = card.classes
     spent: dict[str, float] = {}
     start = time.perf_counter()
-    ids = nucleus_ids(seed, range(len(table)))
-    polygons = clean_polygons(table, slide_shape=slide_shape)
+    key = run_key(seed, card, parameters)
+    ids = nucleus_ids(key, range(len(table)))
     spent["write_prepare"] = time.perf_counter() - start
 
     names: list[str] = []
     start = time.perf_counter()
-    names += write_geojson(table, fs=fs, root=root, classes=classes, seed=seed,
-                           slide_shape=slide_shape, max_per_file=max_per_file,
-                           polygons=polygons, ids=ids)
+    geojson = write_geojson(table, fs=fs, root=root, classes=classes, slide_shape=slide_shape,
+                            ids=ids, entry_bytes=entry_bytes, objects=objects)
+    names += geojson.names
     spent["write_geojson"] = time.perf_counter() - start
     start = time.perf_counter()
     names.append(write_counts(table, fs=fs, root=root, classes=classes,
@@ -171,7 +194,8 @@ def write_all(
     spent["write_counts"] = time.perf_counter() - start
     start = time.perf_counter()
     names += write_table(table, fs=fs, root=root, classes=classes, mpp=mpp,
-                         slide_shape=slide_shape, seed=seed, ids=ids, grid_um=grid_um)
+                         slide_shape=slide_shape, seed=key, ids=ids, grid_um=grid_um,
+                         id_info={"slide": seed})
     spent["write_table"] = time.perf_counter() - start
     if thumbnail is not None:
         start = time.perf_counter()
@@ -189,7 +213,8 @@ def write_all(
         timings={**timings, **spent},
         slide=dict(slide_info),
         outputs=outputs,
-        nuclei={**counts, "geojson": polygons.stats, "seed": seed},
+        # "seed" is what nucleus_ids() takes: the run key, not the slide hash.
+        nuclei={**counts, "geojson": geojson.stats, "seed": key, "slide_seed": seed},
     ))
     logger.info("wrote %d outputs for %d nuclei under %s in %.2f s", len(names), len(table),
                 root, sum(spent.values()))

@@ -18,20 +18,66 @@ from numpy.typing import NDArray
 
 from models.card import ClassInfo
 
-NUCLEUS_CLASS = ClassInfo(name="Nucleus", colour=(0, 160, 255))
-"""Class given to every nucleus of an untyped model, and to a typed model's nuclei of type 0."""
+UNCLASSIFIED_NAME = "unclassified"
+"""The one name of nuclei in no class (an untyped model's, and a typed model's type-0 nuclei) in
+counts, count grids, legends and summaries; the GeoJSON gives them no classification at all."""
+
+UNCLASSIFIED = ClassInfo(name=UNCLASSIFIED_NAME, colour=(150, 150, 150))
+"""Overlay colour of unclassified nuclei: a neutral grey, far from every bundled class colour."""
+
+NUCLEUS_CLASS = UNCLASSIFIED
+"""Former name of :data:`UNCLASSIFIED` (kept for importers)."""
 
 NUCLEUS_UUID_NAMESPACE = uuid.UUID("8d06076c-4750-530d-b929-9490fa21882e")
-"""Namespace of nucleus UUIDs: ``uuid5(NAMESPACE, f"{seed}/{row}")`` (fixed forever, so a re-run
-of the same slide gives the same ids and QuPath recognises a re-import)."""
+"""Namespace of nucleus UUIDs: ``uuid5(NAMESPACE, f"{key}/{row}")`` with ``key`` the run key (see
+:func:`run_key`), fixed forever so a re-run of the same job gives the same ids."""
+
+ID_PARAMETERS = ("roi", "mpp", "region_size", "tissue", "halo_um")
+"""Run parameters that change which nuclei are found, hence part of the run key."""
+
+
+def run_key(slide: str, card: Any, parameters: Mapping[str, Any]) -> str:
+    """The identity of a run that nucleus ids derive from.
+
+    SHA-256 (hex) of the slide identity, the model (name, version and the hash of its whole card,
+    post-processing included) and the :data:`ID_PARAMETERS` of ``parameters``: two runs that can
+    find different nuclei get different keys (an ROI run and a full run never share an id), the
+    same job run again gets the same key.
+
+    Parameters
+    ----------
+    slide : str
+        Slide identity, e.g. its SHA-256.
+    card : ModelCard
+        The model's card (anything with ``name``, ``version`` and ``to_json()``).
+    parameters : mapping
+        The run parameters (extra keys are ignored).
+
+    Returns
+    -------
+    str
+    """
+    if not isinstance(slide, str) or not slide:
+        raise ValueError(f"slide must be a non-empty string, got {slide!r}")
+    card_json = card.to_json() if hasattr(card, "to_json") else json.dumps(jsonable(card))
+    parts = {
+        "slide": slide,
+        "model": [str(getattr(card, "name", "")), str(getattr(card, "version", "")),
+                  hashlib.sha256(card_json.encode()).hexdigest()],
+        "parameters": {k: jsonable(parameters.get(k)) for k in ID_PARAMETERS},
+    }
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
 class ClassTable:
     """How type indices of a :class:`~worker.nuclei.NucleusTable` map to named, coloured classes.
 
-    ``by_type[t]`` is the class written for a nucleus of type ``t``; ``counted`` lists the
-    (type index, class) pairs that counts and count grids report (background excluded).
+    ``by_type[t]`` is the class of a nucleus of type ``t`` (``by_type[0]`` is
+    :data:`UNCLASSIFIED`); ``counted`` lists the (type index, class) pairs of the model's real
+    classes (none for an untyped model), which counts and count grids report before
+    ``unclassified``.
     """
 
     typed: bool
@@ -43,12 +89,18 @@ class ClassTable:
         """Build from a model card's ``classes`` (``classes[0]`` background, empty = untyped)."""
         classes = tuple(classes)
         if len(classes) <= 1:
-            return cls(False, (NUCLEUS_CLASS,), ((0, NUCLEUS_CLASS),))
-        by_type = (NUCLEUS_CLASS, *classes[1:])
+            return cls(False, (UNCLASSIFIED,), ())
+        by_type = (UNCLASSIFIED, *classes[1:])
         return cls(True, by_type, tuple((i, c) for i, c in enumerate(classes) if i > 0))
 
+    @property
+    def legend(self) -> tuple[ClassInfo, ...]:
+        """The classes in reporting order: the real ones, then :data:`UNCLASSIFIED`."""
+        return (*(c for _, c in self.counted), UNCLASSIFIED)
+
     def type_index(self, types: NDArray[np.integer]) -> NDArray[np.intp]:
-        """Index into ``by_type`` for each nucleus; raises ValueError on an unknown type."""
+        """Index into ``by_type`` for each nucleus (0 = unclassified); raises ValueError on an
+        unknown type."""
         types = np.asarray(types)
         if not self.typed:
             return np.zeros(len(types), np.intp)
@@ -61,7 +113,7 @@ class ClassTable:
 
 
 def nucleus_ids(seed: str, rows: Iterable[int]) -> list[str]:
-    """Stable UUID strings of the nuclei at table ``rows`` of the slide identified by ``seed``.
+    """Stable UUID strings of the nuclei at table ``rows`` of the run identified by ``seed``.
 
     Each is ``uuid.uuid5(NUCLEUS_UUID_NAMESPACE, f"{seed}/{row}")``, computed with one SHA-1 per
     row and array operations for the version bits and hex layout (3× faster than ``uuid5`` for
@@ -70,7 +122,7 @@ def nucleus_ids(seed: str, rows: Iterable[int]) -> list[str]:
     Parameters
     ----------
     seed : str
-        Slide identity, e.g. its SHA-256; the same seed and row always give the same UUID.
+        Run identity (:func:`run_key`); the same seed and row always give the same UUID.
     rows : iterable of int
         Row indices in the nucleus table.
 
@@ -84,6 +136,8 @@ def nucleus_ids(seed: str, rows: Iterable[int]) -> list[str]:
     prefix = NUCLEUS_UUID_NAMESPACE.bytes + f"{seed}/".encode()
     digests = b"".join(hashlib.sha1(prefix + str(int(row)).encode()).digest()[:16]
                        for row in rows)
+    if not digests:
+        return []
     raw = np.frombuffer(digests, np.uint8).reshape(-1, 16).copy()
     raw[:, 6] = (raw[:, 6] & 0x0F) | 0x50  # version 5 (RFC 4122 §4.3)
     raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant

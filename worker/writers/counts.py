@@ -4,11 +4,11 @@ Layout (every number finite, no nulls)::
 
     {"classes": {"Neoplastic": 120, "Inflammatory": 0, ...},  # every class of the card in
                                                              # order, background excluded
-                                                             # ("Nucleus" if untyped)
-     "unclassified": 0,        # typed model only: nuclei of type 0 (background), in no class
-     "total": 120,             # all nuclei of the table
+                                                             # (none if untyped)
+     "unclassified": 3,        # nuclei in no class: type 0, or all of an untyped model's
+     "total": 123,             # all nuclei of the table = classes + unclassified
      "tissue_area_mm2": 1.5,
-     "density_per_mm2": {"Neoplastic": 80.0, "Inflammatory": 0.0, ..., "total": 80.0},
+     "density_per_mm2": {"Neoplastic": 80.0, ..., "unclassified": 2.0, "total": 82.0},
      "analysed_area_mm2": 2.0} # only when given
 
 Densities are 0.0 when the tissue area is 0. Class counts sit under ``"classes"`` rather than at the
@@ -27,7 +27,7 @@ import numpy as np
 
 from models.card import ClassInfo
 from worker.nuclei import NucleusTable
-from worker.writers._common import ClassTable, join, prepare_root, write_json
+from worker.writers._common import UNCLASSIFIED_NAME, ClassTable, join, prepare_root, write_json
 
 __all__ = ["COUNTS_NAME", "count_nuclei", "write_counts"]
 
@@ -75,12 +75,11 @@ def count_nuclei(
     def density(n: int) -> float:
         return float(n / tissue) if tissue > 0 else 0.0
 
-    document: dict[str, Any] = {"classes": counts}
-    if class_table.typed:
-        document["unclassified"] = int(per_type[0])
-    document["total"] = total
-    document["tissue_area_mm2"] = tissue
+    unclassified = int(per_type[0])
+    document: dict[str, Any] = {"classes": counts, UNCLASSIFIED_NAME: unclassified,
+                                "total": total, "tissue_area_mm2": tissue}
     document["density_per_mm2"] = {**{k: density(v) for k, v in counts.items()},
+                                   UNCLASSIFIED_NAME: density(unclassified),
                                    "total": density(total)}
     if analysed_area_mm2 is not None:
         document["analysed_area_mm2"] = _area(analysed_area_mm2, "analysed_area_mm2")

@@ -1,381 +1,184 @@
-"""QuPath GeoJSON: one detection per nucleus, gzipped, split into parts of at most ~200k.
+"""QuPath GeoJSON files: every nucleus in one file to drag into QuPath, whatever the slide size.
 
-Follows ``shared/docs/qupath-geojson.md``: a ``FeatureCollection`` of ``Polygon`` detections with a
-closed ring, a ``{"name", "color"}`` classification, numeric measurements only, and a UUID ``id``.
-QuPath imports nothing from a file with one bad feature, so every polygon is validated *after* its
-coordinates are rounded to 0.01 px (rounding alone can create self-intersections), repaired when
-invalid and dropped when degenerate.
+QuPath parses a whole file in memory (~13 bytes of heap per byte of JSON, measured with its own
+importer, 0.5.1 – 0.7.0), so one file or zip entry holds at most :data:`ENTRY_BYTES` of JSON
+(~1.3 GB of heap: it imports on QuPath's usual 2 GB). Written under ``root``:
 
-Files written under ``root``:
+- ``nuclei.geojson.gz`` when every nucleus fits in one entry;
+- otherwise ``nuclei.zip`` of plain ``nuclei-001.geojson``, ``nuclei-002.geojson``, ... entries
+  (deflated), each under the budget, and ``nuclei-index.json`` listing them with their nucleus
+  counts. QuPath's drag and drop routes a zip of plain ``.geojson`` entries to its importer, which
+  reads them one after the other: one drag imports every nucleus at the heap cost of one entry.
 
-- ``nuclei.geojson.gz`` when at most ``max_per_file`` nuclei are written, otherwise
-  ``nuclei-part-001.geojson.gz``, ``nuclei-part-002.geojson.gz``, ... (each a complete
-  FeatureCollection QuPath imports on its own) and no ``nuclei.geojson.gz``;
-- ``nuclei-index.json`` always: the files in order with their nucleus counts, the total written and
-  the rows repaired or dropped, so a client finds every part without listing the directory.
+Entries are planned before anything is written, from an upper bound of each feature's size
+(:func:`~worker.writers.features.feature_bounds`), then the features are cleaned, formatted and
+compressed chunk by chunk and block by block, so memory stays bounded by the chunk size.
 """
 
 from __future__ import annotations
 
 import gzip
-import itertools
-import json
 import logging
-import math
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import IO, Any
 
 import fsspec
 import numpy as np
-import shapely
-from numpy.typing import NDArray
 
 from models.card import ClassInfo
 from worker.nuclei import NucleusTable
 from worker.writers._common import ClassTable, join, nucleus_ids, prepare_root, write_json
+from worker.writers.features import (
+    HEAD,
+    TAIL,
+    ChunkFeatures,
+    FeatureSpec,
+    ObjectType,
+    feature_bounds,
+    plan_entries,
+)
 
 __all__ = [
+    "CHUNK_ROWS",
+    "ENTRY_BYTES",
     "GEOJSON_NAME",
+    "GEOJSON_ZIP_NAME",
     "GZIP_LEVEL",
     "INDEX_NAME",
-    "MAX_PER_FILE",
-    "MIN_AREA_PX",
-    "CleanPolygons",
-    "clean_polygons",
-    "part_name",
+    "Chunk",
+    "GeoJSONWritten",
+    "entry_name",
+    "table_chunks",
     "write_geojson",
+    "write_geojson_chunks",
 ]
 
 logger = logging.getLogger(__name__)
 
 GEOJSON_NAME = "nuclei.geojson.gz"
-"""File name when the nuclei fit in one file."""
+"""The file when every nucleus fits in one entry."""
+
+GEOJSON_ZIP_NAME = "nuclei.zip"
+"""The file otherwise: a zip of plain ``.geojson`` entries."""
 
 INDEX_NAME = "nuclei-index.json"
-"""File listing the GeoJSON file(s) written and their nucleus counts."""
+"""Written with ``nuclei.zip`` only: its entries in order with their nucleus counts."""
 
-MAX_PER_FILE = 200_000
-"""Nuclei per GeoJSON file; QuPath needs a ~2 GB heap to import 200k (see the QuPath notes)."""
-
-MIN_AREA_PX = 0.01
-"""Polygons smaller than this (level-0 px²) after rounding are degenerate and dropped."""
-
-DECIMALS = 2
-"""Coordinates are written rounded to 0.01 level-0 px (QuPath 0.6+ snaps to that grid anyway)."""
-
-MEASUREMENT_DECIMALS = 4
-"""Measurements are rounded so float32 noise (0.8799999952316284) is not written."""
+ENTRY_BYTES = 100_000_000
+"""Most uncompressed JSON per file or zip entry (at ~13 bytes of QuPath heap per byte)."""
 
 GZIP_LEVEL = 3
-"""gzip level of the GeoJSON files: level 6 is ~10 % smaller but takes twice the CPU time
-(measured on 200k nuclei: 45 MB in 3.5 s vs 41 MB in 6.1 s)."""
+"""Deflate level: level 6 is ~10 % smaller but takes twice the CPU time."""
+
+CHUNK_ROWS = 65_536
+"""Table rows cleaned and formatted at a time."""
 
 _BLOCK = 4096
-"""Features formatted per write call: bounds memory to a few MB whatever the slide."""
+"""Features formatted per write call."""
+
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed entry dates: the same nuclei give the same bytes
+
+Chunk = tuple[NucleusTable, Sequence[str]]
+"""Consecutive rows of a nucleus table and their ids."""
 
 
-@dataclass(frozen=True, eq=False)
-class CleanPolygons:
-    """Polygons ready for QuPath: valid, closed, rounded to 0.01 px, inside the slide.
+def entry_name(index: int) -> str:
+    """Name of the ``index``-th (1-based) entry of ``nuclei.zip``: ``nuclei-001.geojson``."""
+    return f"nuclei-{index:03d}.geojson"
 
-    Attributes
-    ----------
-    rows : (k,) int64 ndarray
-        Rows of the nucleus table that are written, ascending.
-    coords : (m, 2) float64 ndarray
-        Closed rings (first vertex repeated last) as (x, y) level-0 pixels; ring ``i`` is
-        ``coords[offsets[i]:offsets[i + 1]]``.
-    offsets : (k + 1,) int64 ndarray
-    repaired : (r,) int64 ndarray
-        Rows whose polygon was invalid and was replaced by the largest polygon of its valid form.
-    dropped : (d,) int64 ndarray
-        Rows not written: fewer than 3 vertices, a non-finite vertex, no area inside the slide,
-        or beyond repair.
-    """
 
-    rows: NDArray[np.int64]
-    coords: NDArray[np.float64]
-    offsets: NDArray[np.int64]
-    repaired: NDArray[np.int64]
-    dropped: NDArray[np.int64]
+@dataclass
+class GeoJSONWritten:
+    """What :func:`write_geojson` wrote: file ``names`` under the root, the ``entries`` (name,
+    nucleus count) of the file, and the rows whose polygon was repaired or dropped."""
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __repr__(self) -> str:
-        return (f"CleanPolygons(n={len(self)}, repaired={len(self.repaired)}, "
-                f"dropped={len(self.dropped)})")
-
-    def ring(self, i: int) -> NDArray[np.float64]:
-        """Closed ring (x, y) of the ``i``-th kept polygon (table row ``rows[i]``)."""
-        return self.coords[self.offsets[i] : self.offsets[i + 1]]
+    names: list[str]
+    entries: list[tuple[str, int]]
+    repaired: int = 0
+    dropped_rows: list[int] = field(default_factory=list)
 
     @property
-    def stats(self) -> dict[str, int]:
-        return {"written": len(self), "repaired": len(self.repaired), "dropped": len(self.dropped)}
+    def total(self) -> int:
+        return sum(count for _, count in self.entries)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return {"written": self.total, "repaired": self.repaired,
+                "dropped": len(self.dropped_rows), "file": self.names[0],
+                "entries": len(self.entries)}
 
 
-def _slide_size(slide_shape: Sequence[int]) -> tuple[float, float]:
-    if len(slide_shape) < 2 or min(slide_shape[0], slide_shape[1]) <= 0:
-        raise ValueError(f"slide_shape must be (height, width) > 0, got {tuple(slide_shape)}")
-    return float(slide_shape[0]), float(slide_shape[1])
+class _Unseekable:
+    """A write-only view of a file without ``seek``: zipfile then streams (data descriptors),
+    which works on object stores whose files cannot seek."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw, self.position = raw, 0
+
+    def write(self, data: bytes) -> int:
+        self.raw.write(data)
+        self.position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        self.raw.flush()
 
 
-def _snap(xy: NDArray, width: float, height: float) -> NDArray[np.float64]:
-    """Clip (x, y) into the slide and round to the 0.01 px grid (``+ 0.0`` turns -0.0 into 0.0)."""
-    out = np.asarray(xy, dtype=np.float64).copy()
-    np.clip(out[:, 0], 0.0, width, out=out[:, 0])
-    np.clip(out[:, 1], 0.0, height, out=out[:, 1])
-    return np.round(out, DECIMALS) + 0.0
+class _Sink:
+    """The output file: one gzip stream, or a zip whose entries are opened one at a time."""
 
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, names: list[str],
+                 level: int) -> None:
+        self.names, self.level = names, level
+        self.single = len(names) == 1
+        self.raw = fs.open(join(root, GEOJSON_NAME if self.single else GEOJSON_ZIP_NAME), "wb")
+        self.zip = None if self.single else zipfile.ZipFile(
+            _Unseekable(self.raw), "w", compression=zipfile.ZIP_DEFLATED)  # type: ignore[call-overload]
+        self.entry: IO[bytes] | gzip.GzipFile | None = None
 
-def _largest_polygon(geometry: shapely.Geometry) -> shapely.Polygon | None:
-    stack, polygons = [geometry], []
-    while stack:
-        g = stack.pop()
-        if isinstance(g, shapely.Polygon):
-            if not g.is_empty:
-                polygons.append(g)
-        elif hasattr(g, "geoms"):
-            stack.extend(g.geoms)
-    return max(polygons, key=lambda p: p.area) if polygons else None
-
-
-def _repair(polygon: shapely.Polygon, width: float, height: float,
-            min_area: float) -> NDArray[np.float64] | None:
-    """Closed, rounded ring of the largest part of ``polygon`` made valid, or None if none is.
-
-    Only the exterior is kept: a nucleus is a filled shape, and the exterior ring of a valid
-    polygon is itself a valid polygon. Rounding the new vertices (intersection points) can break
-    validity again, so the second attempt snaps with GEOS' precision reducer first.
-    """
-    fixed = shapely.make_valid(polygon)
-    for _ in range(2):
-        part = _largest_polygon(fixed)
-        if part is None:
-            return None
-        ring = _snap(np.asarray(part.exterior.coords), width, height)
-        if len(ring) >= 4:
-            candidate = shapely.Polygon(ring)
-            if candidate.is_valid and candidate.area >= min_area:
-                return ring
-        fixed = shapely.make_valid(shapely.set_precision(part, 10.0**-DECIMALS))
-    return None
-
-
-def _splice(
-    closed: NDArray[np.float64],
-    offsets: NDArray[np.int64],
-    good: NDArray[np.bool_],
-    repaired: dict[int, NDArray[np.float64]],
-) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
-    """Rings kept (``good``) with the ``repaired`` ones put in their place, in ring order, using
-    one slice per run of untouched rings rather than one array per ring.
-
-    Returns the concatenated rings and the size of every ring (0 where dropped).
-    """
-    sizes = np.where(good, np.diff(offsets), 0)
-    keep_vertex = np.repeat(good, np.diff(offsets))
-    pieces, previous = [], 0
-    for j in sorted(repaired):
-        span = slice(offsets[previous], offsets[j])
-        pieces += [closed[span][keep_vertex[span]], repaired[j]]
-        sizes[j] = len(repaired[j])
-        previous = j + 1
-    span = slice(offsets[previous], offsets[-1])
-    pieces.append(closed[span][keep_vertex[span]])
-    return np.concatenate(pieces), sizes
-
-
-def clean_polygons(
-    table: NucleusTable,
-    *,
-    slide_shape: Sequence[int],
-    min_area: float = MIN_AREA_PX,
-) -> CleanPolygons:
-    """Make every nucleus polygon importable by QuPath, or drop it.
-
-    Vertices are clipped to ``[0, width] × [0, height]`` and rounded to 0.01 px; the rings are
-    then checked (vectorised) for validity and area, and invalid ones repaired one by one.
-
-    Parameters
-    ----------
-    table : NucleusTable
-        Nuclei in level-0 pixels.
-    slide_shape : (int, int)
-        Level-0 (height, width) of the slide.
-    min_area : float
-        Smallest area kept, level-0 px².
-
-    Returns
-    -------
-    CleanPolygons
-    """
-    if not isinstance(table, NucleusTable):
-        raise TypeError(f"table must be a NucleusTable, got {type(table).__name__}")
-    height, width = _slide_size(slide_shape)
-    lengths = np.diff(table.offsets)
-    vertex_row = np.repeat(np.arange(len(table)), lengths)
-    bad_vertices = np.bincount(vertex_row, weights=~np.isfinite(table.vertices).all(axis=1),
-                               minlength=len(table))
-    is_candidate = (lengths >= 3) & (bad_vertices == 0)
-    candidates = np.flatnonzero(is_candidate)
-    verts = _snap(table.vertices[is_candidate[vertex_row]], width, height)
-    ring_len = lengths[candidates]
-    starts = np.concatenate([[0], np.cumsum(ring_len)]).astype(np.int64)
-    # Close each ring by repeating its first vertex after its last.
-    closed = np.insert(verts, starts[1:], verts[starts[:-1]], axis=0)
-    closed_offsets = starts + np.arange(len(starts))
-    ring_id = np.repeat(np.arange(len(candidates)), ring_len + 1)
-    polygons = shapely.polygons(shapely.linearrings(closed, indices=ring_id))
-    good = shapely.is_valid(polygons) & (shapely.area(polygons) >= min_area)
-
-    repaired: dict[int, NDArray[np.float64]] = {}  # ring index -> its repaired ring
-    dropped: list[int] = np.flatnonzero(~is_candidate).tolist()
-    for j in np.flatnonzero(~good).tolist():
-        # Valid but (near) zero area: nothing to repair, the nucleus is degenerate.
-        ring = _repair(polygons[j], width, height, min_area) if not polygons[j].is_valid else None
-        if ring is None:
-            dropped.append(int(candidates[j]))
+    def begin(self, index: int) -> None:
+        if self.zip is None:
+            # mtime=0 and no file name in the header: the same nuclei give the same bytes.
+            self.entry = gzip.GzipFile(filename="", mode="wb", fileobj=self.raw,
+                                       compresslevel=self.level, mtime=0)
         else:
-            repaired[j] = ring
-    coords, sizes = _splice(closed, closed_offsets, good, repaired)
-    good[list(repaired)] = True
-    kept = np.flatnonzero(good)
-    if dropped:
-        logger.info("GeoJSON: dropped %d degenerate nuclei polygons (rows %s%s)", len(dropped),
-                    sorted(dropped)[:10], "..." if len(dropped) > 10 else "")
-    if repaired:
-        logger.info("GeoJSON: repaired %d invalid nuclei polygons", len(repaired))
-    return CleanPolygons(
-        rows=candidates[kept].astype(np.int64),
-        coords=coords,
-        offsets=np.concatenate([[0], np.cumsum(sizes[kept])]).astype(np.int64),
-        repaired=candidates[sorted(repaired)].astype(np.int64),
-        dropped=np.asarray(sorted(dropped), np.int64),
-    )
+            info = zipfile.ZipInfo(self.names[index], date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            # ZipFile.open(ZipInfo) takes the level from the entry (a private field up to 3.12).
+            setattr(info, "compress_level" if hasattr(info, "compress_level") else
+                    "_compresslevel", self.level)
+            info.external_attr = 0o644 << 16
+            self.entry = self.zip.open(info, "w")
+
+    def end(self) -> None:
+        if self.entry is not None:
+            self.entry.close()
+            self.entry = None
+
+    def close(self) -> None:
+        self.end()
+        if self.zip is not None:
+            self.zip.close()
+        self.raw.close()
 
 
-def _measurement_columns(table: NucleusTable, typed: bool) -> list[tuple[str, NDArray]]:
-    columns = [
-        ("Area µm^2", table.area_um2),
-        ("Perimeter µm", table.perimeter_um),
-        ("Solidity", table.solidity),
-        ("Eccentricity", table.eccentricity),
-        ("Detection probability", table.np_prob),
-    ]
-    if typed:  # an untyped model has no class vote; its constant 1.0 would only mislead
-        columns.insert(4, ("Class probability", table.type_prob))
-    return columns
-
-
-def _measurement_texts(columns: list[tuple[str, NDArray]], rows: NDArray) -> list[str]:
-    """``"name":value`` members per nucleus, NaN and infinities left out (QuPath wants numbers)."""
-    keys = [json.dumps(name, ensure_ascii=False) for name, _ in columns]
-    values = [np.round(np.asarray(column[rows], np.float64), MEASUREMENT_DECIMALS)
-              for _, column in columns]
-    if all(np.isfinite(v).all() for v in values):  # the usual case: one format per nucleus
-        template = ",".join(f"{key}:%r" for key in keys)
-        return [template % members for members in zip(*(v.tolist() for v in values), strict=True)]
-    per_column = [[f"{key}:{v!r}" if math.isfinite(v) else "" for v in column.tolist()]
-                  for key, column in zip(keys, values, strict=True)]
-    return [",".join(t for t in members if t) for members in zip(*per_column, strict=True)]
-
-
-def part_name(index: int) -> str:
-    """Name of the ``index``-th (1-based) GeoJSON part: ``nuclei-part-001.geojson.gz``."""
-    return f"nuclei-part-{index:03d}.geojson.gz"
-
-
-def _ring_text(coords: NDArray[np.float64], offsets: NDArray[np.int64]) -> tuple[str, list[int]]:
-    """JSON text ``[x,y],[x,y],...`` of each ring, built with array arithmetic, not per number.
-
-    ``coords`` are non-negative multiples of 0.01 (see :func:`_snap`). Each pair is laid out in a
-    fixed-width byte matrix (digits from integer division) and the characters not wanted — leading
-    zeros, a trailing zero decimal, the comma after a ring's last pair — are masked out, giving
-    the same text as Python's ``repr`` (``1000.0``, ``1000.5``, ``1000.25``) some ten times faster.
-
-    Returns
-    -------
-    text : str
-        All rings, concatenated.
-    bounds : list of int
-        Ring ``i`` is ``text[bounds[i]:bounds[i + 1]]``.
-    """
-    hundredths = np.rint(coords * 100.0).astype(np.int64)
-    whole, frac = np.divmod(hundredths, 100)
-    width = len(str(int(whole.max()))) if len(whole) else 1
-    powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
-    digits = (whole[..., None] // powers) % 10 + ord("0")  # (m, 2, width)
-    leading = whole[..., None] < powers
-    leading[..., -1] = False  # "0" keeps its units digit
-    m = len(coords)
-    step = width + 4  # digits, ".", two decimals, then "," or "]"
-    chars = np.empty((m, 2 * step + 2), np.uint8)
-    keep = np.ones(chars.shape, bool)
-    chars[:, 0] = ord("[")
-    for axis in (0, 1):
-        start = 1 + axis * step
-        chars[:, start : start + width] = digits[:, axis]
-        keep[:, start : start + width] = ~leading[:, axis]
-        chars[:, start + width] = ord(".")
-        chars[:, start + width + 1] = frac[:, axis] // 10 + ord("0")
-        chars[:, start + width + 2] = frac[:, axis] % 10 + ord("0")
-        keep[:, start + width + 2] = frac[:, axis] % 10 != 0
-        chars[:, start + width + 3] = ord("]" if axis else ",")
-    chars[:, -1] = ord(",")
-    keep[offsets[1:] - 1, -1] = False  # no comma after the last pair of a ring
-    per_pair = np.concatenate([[0], np.cumsum(keep.sum(axis=1))])
-    return chars[keep].tobytes().decode("ascii"), per_pair[offsets].tolist()
-
-
-class _FeatureFormatter:
-    """Formats features ``lo:hi`` of the clean polygons as compact GeoJSON text."""
-
-    def __init__(self, table: NucleusTable, polygons: CleanPolygons, classes: ClassTable,
-                 ids: Sequence[str]) -> None:
-        self.table, self.polygons, self.ids = table, polygons, ids
-        self.class_json = [
-            json.dumps({"name": c.name, "color": list(c.colour)}, ensure_ascii=False,
-                       separators=(",", ":"))
-            for c in classes.by_type
-        ]
-        self.type_index = classes.type_index(table.type[polygons.rows])
-        self.columns = _measurement_columns(table, classes.typed)
-
-    def block(self, lo: int, hi: int) -> str:
-        p = self.polygons
-        s0 = int(p.offsets[lo])
-        text, bounds = _ring_text(p.coords[s0 : int(p.offsets[hi])], p.offsets[lo : hi + 1] - s0)
-        measurements = _measurement_texts(self.columns, p.rows[lo:hi])
-        classes = self.type_index[lo:hi].tolist()
-        texts = []
-        for j in range(hi - lo):
-            texts.append(
-                '{"type":"Feature","id":"' + self.ids[lo + j]
-                + '","geometry":{"type":"Polygon","coordinates":[['
-                + text[bounds[j] : bounds[j + 1]]
-                + ']]},"properties":{"objectType":"detection","classification":'
-                + self.class_json[classes[j]] + ',"measurements":{' + measurements[j] + "}}}"
-            )
-        return ",\n".join(texts)
-
-
-def _write_part(fs: fsspec.AbstractFileSystem, path: str, formatter: _FeatureFormatter,
-                lo: int, hi: int, compresslevel: int) -> None:
-    # mtime=0 and no file name in the gzip header: the same nuclei give the same bytes.
-    with fs.open(path, "wb") as raw, gzip.GzipFile(
-        filename="", mode="wb", fileobj=raw, compresslevel=compresslevel, mtime=0
-    ) as gz, ThreadPoolExecutor(1, thread_name_prefix="geojson-gzip") as pool:
-        # zlib releases the GIL: compressing block i overlaps formatting block i + 1.
-        pending = pool.submit(gz.write, b'{"type":"FeatureCollection","features":[\n')
-        for start in range(lo, hi, _BLOCK):
-            data = formatter.block(start, min(start + _BLOCK, hi)).encode("utf-8")
-            pending.result()
-            pending = pool.submit(gz.write, (b",\n" if start > lo else b"") + data)
-        pending.result()
-        gz.write(b"\n]}\n")
+def table_chunks(table: NucleusTable, ids: Sequence[str],
+                 chunk_rows: int = CHUNK_ROWS) -> Callable[[], Iterator[Chunk]]:
+    """The chunks of an in-memory table, as :func:`write_geojson_chunks` takes them."""
+    def chunks() -> Iterator[Chunk]:
+        if len(table) <= chunk_rows:
+            yield table, ids
+            return
+        for lo in range(0, len(table), chunk_rows):
+            hi = min(lo + chunk_rows, len(table))
+            yield table.take(np.arange(lo, hi)), ids[lo:hi]
+    return chunks
 
 
 def write_geojson(
@@ -384,14 +187,15 @@ def write_geojson(
     fs: fsspec.AbstractFileSystem,
     root: str,
     classes: Sequence[ClassInfo],
-    seed: str,
     slide_shape: Sequence[int],
-    max_per_file: int = MAX_PER_FILE,
-    polygons: CleanPolygons | None = None,
+    seed: str | None = None,
     ids: Sequence[str] | None = None,
+    objects: ObjectType | None = None,
+    measurements: Sequence[str] | None = None,
+    entry_bytes: int = ENTRY_BYTES,
     compresslevel: int = GZIP_LEVEL,
-) -> list[str]:
-    """Write the nuclei as QuPath detections (see the module docstring for the file layout).
+) -> GeoJSONWritten:
+    """Write the nuclei as QuPath objects (see the module docstring for the files).
 
     Parameters
     ----------
@@ -402,70 +206,169 @@ def write_geojson(
     root : str
         Directory inside ``fs``.
     classes : sequence of ClassInfo
-        The model card's classes (``classes[0]`` background; empty for an untyped model, whose
-        nuclei are written as class ``"Nucleus"``).
-    seed : str
-        Slide identity (e.g. its SHA-256) from which stable UUIDs are derived.
+        The model card's classes (``classes[0]`` background; empty for an untyped model).
     slide_shape : (int, int)
         Level-0 (height, width); coordinates are clipped into it.
-    max_per_file : int
-        Above this many nuclei, write parts of at most this many.
-    polygons : CleanPolygons, optional
-        Result of :func:`clean_polygons` when the caller already has it.
+    seed : str, optional
+        Run key (:func:`~worker.writers.run_key`) the ids derive from, when ``ids`` is not given.
     ids : sequence of str, optional
-        One UUID per table row (default: derived from ``seed``).
+        One UUID per table row.
+    objects : {"detections", "cells"}, optional
+        QuPath object type; default cells when the table has cell boundaries.
+    measurements : sequence of str, optional
+        Measurement names to write, in this order (default: all).
+    entry_bytes : int
+        Most JSON bytes per file or zip entry.
     compresslevel : int
-        gzip level 1-9 (default :data:`GZIP_LEVEL`).
+        Deflate level 1-9.
 
     Returns
     -------
-    list of str
-        Names written under ``root``: the GeoJSON file(s) in order, then the index.
+    GeoJSONWritten
     """
-    prepare_root(fs, root)
-    if not isinstance(max_per_file, int | np.integer) or max_per_file < 1:
-        raise ValueError(f"max_per_file must be a positive integer, got {max_per_file!r}")
+    if ids is None:
+        if seed is None:
+            raise ValueError("give the nucleus ids or the seed (run key) they derive from")
+        ids = nucleus_ids(seed, range(len(table)))
+    elif len(ids) != len(table):
+        raise ValueError(f"ids has {len(ids)} entries for a table of {len(table)} nuclei")
+    if objects is None:
+        objects = "cells" if getattr(table, "cell_offsets", None) is not None else "detections"
+    return write_geojson_chunks(table_chunks(table, ids), fs=fs, root=root, classes=classes,
+                                slide_shape=slide_shape, objects=objects,
+                                measurements=measurements, entry_bytes=entry_bytes,
+                                compresslevel=compresslevel)
+
+
+def _check(objects: str, entry_bytes: int, compresslevel: int) -> None:
+    if objects not in ("detections", "cells"):
+        raise ValueError(f"objects must be 'detections' or 'cells', got {objects!r}")
+    if not isinstance(entry_bytes, int | np.integer) or entry_bytes < 1024:
+        raise ValueError(f"entry_bytes must be an integer >= 1024, got {entry_bytes!r}")
     if compresslevel not in range(1, 10):
         raise ValueError(f"compresslevel must be within 1..9, got {compresslevel!r}")
-    if polygons is None:
-        polygons = clean_polygons(table, slide_shape=slide_shape)
-    class_table = ClassTable.from_classes(classes)
-    if ids is None:
-        kept_ids: Sequence[str] = nucleus_ids(seed, polygons.rows.tolist())
-    else:
-        if len(ids) != len(table):
-            raise ValueError(f"ids has {len(ids)} entries for a table of {len(table)} nuclei")
-        kept_ids = [ids[r] for r in polygons.rows.tolist()]
-    formatter = _FeatureFormatter(table, polygons, class_table, kept_ids)
 
-    n = len(polygons)
-    bounds = list(range(0, n, max_per_file)) + [n] if n else [0, 0]
-    split = len(bounds) > 2
-    names, counts = [], []
-    for i, (lo, hi) in enumerate(itertools.pairwise(bounds), start=1):
-        names.append(part_name(i) if split else GEOJSON_NAME)
-        counts.append(hi - lo)
-        _write_part(fs, join(root, names[-1]), formatter, lo, hi, compresslevel)
-    _remove_stale(fs, root, keep=set(names))
-    write_json(fs, join(root, INDEX_NAME), {
-        "format": "QuPath GeoJSON FeatureCollection of detections, gzip",
-        "coordinates": "level-0 pixels (x right, y down), rounded to 0.01",
-        "parts": [{"name": name, "count": count}
-                  for name, count in zip(names, counts, strict=True)],
-        "total": n,
-        "repaired": len(polygons.repaired),
-        "dropped": len(polygons.dropped),
-        "dropped_rows": polygons.dropped,
-        "max_per_file": max_per_file,
-    })
-    logger.info("GeoJSON: wrote %d nuclei in %d file(s) under %s", n, len(names), root)
-    return [*names, INDEX_NAME]
+
+def write_geojson_chunks(
+    chunks: Callable[[], Iterable[Chunk]],
+    *,
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    classes: Sequence[ClassInfo],
+    slide_shape: Sequence[int],
+    objects: ObjectType = "detections",
+    measurements: Sequence[str] | None = None,
+    entry_bytes: int = ENTRY_BYTES,
+    compresslevel: int = GZIP_LEVEL,
+    sizing: Callable[[], Iterable[Chunk]] | None = None,
+) -> GeoJSONWritten:
+    """:func:`write_geojson` for a table read chunk by chunk (memory bounded by the chunk).
+
+    The entries are planned from ``sizing()`` (default ``chunks()``): the same consecutive row
+    chunks in table order, of which only the ring lengths, types and measurement columns are
+    used; then ``chunks()`` is iterated once to write them.
+    """
+    prepare_root(fs, root)
+    _check(objects, entry_bytes, compresslevel)
+    spec = FeatureSpec(ClassTable.from_classes(classes), objects,
+                       None if measurements is None else tuple(measurements),
+                       (int(slide_shape[0]), int(slide_shape[1])))
+    parts = [feature_bounds(table, spec) for table, _ in (sizing or chunks)()]
+    bounds = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    plan = plan_entries(bounds, int(entry_bytes))
+    names = [GEOJSON_NAME] if len(plan) == 1 else [entry_name(i + 1) for i in range(len(plan))]
+    written = GeoJSONWritten(names=[GEOJSON_NAME] if len(plan) == 1 else
+                             [GEOJSON_ZIP_NAME, INDEX_NAME],
+                             entries=[(name, 0) for name in names])
+    sink = _Sink(fs, root, names, compresslevel)
+    try:
+        _stream(chunks(), plan, spec, sink, written)
+    finally:
+        sink.close()
+    _remove_stale(fs, root, keep=set(written.names))
+    if len(plan) > 1:
+        write_json(fs, join(root, INDEX_NAME), {
+            "format": "zip of QuPath GeoJSON FeatureCollections, one per entry",
+            "file": GEOJSON_ZIP_NAME,
+            "coordinates": "level-0 pixels (x right, y down), rounded to 0.01",
+            "entries": [{"name": n, "count": c} for n, c in written.entries],
+            "total": written.total, "repaired": written.repaired,
+            "dropped": len(written.dropped_rows), "dropped_rows": written.dropped_rows,
+            "entry_bytes": int(entry_bytes),
+        })
+    logger.info("GeoJSON: wrote %d nuclei in %s (%d entr%s) under %s", written.total,
+                written.names[0], len(plan), "y" if len(plan) == 1 else "ies", root)
+    return written
+
+
+def _stream(chunks: Iterable[Chunk], plan: list[tuple[int, int]], spec: FeatureSpec,
+            sink: _Sink, written: GeoJSONWritten) -> None:
+    """Write every chunk's features into the planned entries, compressing in a second thread
+    (zlib releases the GIL) while the next block is formatted."""
+    starts = np.array([lo for lo, _ in plan], np.int64)
+    counts = [0] * len(plan)
+    current, first = -1, True
+    base = 0
+    with ThreadPoolExecutor(1, thread_name_prefix="geojson-deflate") as pool:
+        pending: Future | None = None
+
+        def put(data: bytes) -> None:
+            nonlocal pending
+            if pending is not None:
+                pending.result()
+            entry = sink.entry
+            if entry is None:
+                raise RuntimeError("no entry open")
+            pending = pool.submit(entry.write, data)
+
+        def switch(to: int) -> None:
+            nonlocal current, first, pending
+            while current < to:
+                if current >= 0:
+                    put(TAIL)
+                    if pending is not None:
+                        pending.result()
+                        pending = None
+                    sink.end()
+                current += 1
+                sink.begin(current)
+                put(HEAD)
+                first = True
+
+        for table, ids in chunks:
+            features = ChunkFeatures(table, ids, spec)
+            p = features.polygons
+            written.repaired += len(p.repaired)
+            written.dropped_rows += (p.dropped + base).tolist()
+            entry_of = np.searchsorted(starts, p.rows + base, side="right") - 1
+            lo = 0
+            while lo < len(p):
+                target = int(entry_of[lo])
+                hi = min(lo + _BLOCK, len(p))
+                hi = lo + int(np.searchsorted(entry_of[lo:hi], target, side="right"))
+                switch(target)
+                data = features.block(lo, hi).encode("utf-8")
+                put(data if first else b",\n" + data)
+                first = False
+                counts[target] += hi - lo
+                lo = hi
+            base += len(table)
+        switch(len(plan) - 1)
+        put(TAIL)
+        if pending is not None:
+            pending.result()
+    sink.end()
+    written.entries = [(name, c) for (name, _), c in zip(written.entries, counts, strict=True)]
 
 
 def _remove_stale(fs: fsspec.AbstractFileSystem, root: str, *, keep: set[str]) -> None:
-    """Delete GeoJSON files of an earlier run in ``root`` that this run did not write, so a
-    re-run with a different split leaves no stray parts behind."""
-    for path in fs.glob(join(root, "nuclei*.geojson.gz")):
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if name not in keep and (name == GEOJSON_NAME or name.startswith("nuclei-part-")):
-            fs.rm_file(path)
+    """Delete GeoJSON files of an earlier run in ``root`` that this run did not write (an older
+    split into ``nuclei-part-NNN.geojson.gz`` files included)."""
+    for pattern in ("nuclei*.geojson.gz", "nuclei.zip", "nuclei-index.json"):
+        for path in fs.glob(join(root, pattern)):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if name not in keep and (name in (GEOJSON_NAME, GEOJSON_ZIP_NAME, INDEX_NAME)
+                                     or name.startswith("nuclei-part-")):
+                fs.rm_file(path)
+
+

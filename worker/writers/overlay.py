@@ -89,9 +89,11 @@ def draw_overlay(
     downsample : float
         Level-0 pixels per thumbnail pixel.
     classes : sequence of ClassInfo
-        The model card's classes (empty = untyped: every nucleus in the "Nucleus" colour).
+        The model card's classes (empty = untyped: every nucleus unclassified, in the
+        :data:`~worker.writers.UNCLASSIFIED` grey).
     legend : bool
-        Draw class swatches in the top-left corner (skipped when the thumbnail is too small).
+        Draw class swatches, ``unclassified`` last, in the top-left corner (skipped when the
+        thumbnail is too small).
 
     Returns
     -------
@@ -119,7 +121,7 @@ def draw_overlay(
         if len(outlined):
             cv2.polylines(image, [rings[i] for i in outlined.tolist()], True, colour, 1, cv2.LINE_8)
     if legend:
-        _draw_legend(image, [c for _, c in class_table.counted])
+        _draw_legend(image, list(class_table.legend))
     return image
 
 

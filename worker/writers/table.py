@@ -1,25 +1,30 @@
-"""``nuclei.zarr``: the nucleus table as a zarr v3 group, a per-class count grid, and its zip.
+"""``nuclei.zarr.zip``: the nucleus table as a zarr v3 group in one zip, with a count grid.
 
 Group layout (row ``i`` = nucleus ``i`` of the :class:`~worker.nuclei.NucleusTable`)::
 
-    id            (n,)      str      UUID, the same as the GeoJSON feature id
-    centroid      (n, 2)    float64  (x, y) level-0 px
-    bbox          (n, 4)    float64  (x_min, y_min, x_max, y_max) level-0 px, half-open
+    id             (n,)      str      UUID, the same as the GeoJSON feature id
+    centroid       (n, 2)    float64  (x, y) level-0 px
+    bbox           (n, 4)    float64  (x_min, y_min, x_max, y_max) level-0 px, half-open
     area_um2, perimeter_um, solidity, eccentricity, type_prob, np_prob   (n,) float32
-    type          (n,)      int16    index into attrs["classes"] (0 = background/untyped)
-    region        (n,)      int32    region that produced the nucleus
-    vertices      (m, 2)    float32  (x, y) level-0 px, rings not closed
-    offsets       (n + 1,)  int64    nucleus i owns vertices[offsets[i]:offsets[i + 1]]
-    count_grid    (C, rows, cols) uint32  nuclei per class per grid cell (by centroid)
+    type           (n,)      int16    index into attrs["classes"] (0 = unclassified)
+    region         (n,)      int32    region that produced the nucleus
+    vertices       (m, 2)    float32  (x, y) level-0 px, rings on pixel edges, not closed
+    offsets        (n + 1,)  int64    nucleus i owns vertices[offsets[i]:offsets[i + 1]]
+    measurements/<k> (n,)    float32  k = 0, 1, ...: QuPath measurement attrs["name"] (NaN where
+                                      undefined), in attrs["measurements"] order
+    cell_vertices  (mc, 2)   float32  only with cells: cell boundaries like vertices/offsets
+    cell_offsets   (n + 1,)  int64
+    count_grid     (C + 1, rows, cols) uint32  nuclei per class per grid cell (by centroid):
+                                      the card's classes (background excluded), then
+                                      "unclassified", so the grid counts every nucleus
 
 The group's attributes give the classes (names, colours), µm per level-0 px, the slide shape, the
-units of every column and how ids are derived. ``count_grid`` has one plane per counted class
-(background excluded; one "Nucleus" plane for an untyped model; a typed model's type-0 nuclei are
-in no plane), cells of ``grid_um`` µm from origin (0, 0) at level 0, and says so in its attributes.
+units of every column, the measurement names and how ids are derived (the run key).
 
-The store is built in a local temporary directory, then copied file by file into ``fs`` (any fsspec
-filesystem, S3 included) together with ``nuclei.zarr.zip``, a stored (uncompressed: chunks are
-already zstd) zip of the same store, openable with ``zarr.storage.ZipStore``.
+Only the zip is kept (one file: the service serves it as is, a client downloads one object, and
+:func:`~worker.writers.table_read.open_table` or ``zarr.storage.ZipStore`` reads it in place);
+entries are stored, as the chunks are already compressed. The store is built in a local temporary
+directory by :class:`TableWriter`, chunk by chunk, then zipped into ``fs`` (S3 included).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import math
 import os
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +42,14 @@ import fsspec
 import numpy as np
 import zarr
 from numpy.typing import NDArray
-from zarr.abc.store import Store
-from zarr.storage import FsspecStore, LocalStore, ZipStore
+from zarr.storage import LocalStore
 
 from models.card import ClassInfo
 from worker.nuclei import NucleusTable
 from worker.writers._common import (
     NUCLEUS_UUID_NAMESPACE,
+    UNCLASSIFIED_NAME,
     ClassTable,
-    check_fs,
-    join,
     jsonable,
     nucleus_ids,
     prepare_root,
@@ -54,19 +57,26 @@ from worker.writers._common import (
 
 __all__ = [
     "CHUNK_ROWS",
+    "COLUMNS",
+    "FORMAT",
     "GRID_UM",
     "TABLE_NAME",
     "ZIP_NAME",
+    "TableWriter",
     "count_grid",
-    "read_table",
     "write_table",
-    "zip_zarr",
+    "zip_tree",
 ]
 
 logger = logging.getLogger(__name__)
 
 TABLE_NAME = "nuclei.zarr"
+"""Name of the store inside the zip (and of a store directory :func:`read_table` also reads)."""
+
 ZIP_NAME = "nuclei.zarr.zip"
+"""The file written."""
+
+FORMAT = "hoverserve.nuclei"
 
 CHUNK_ROWS = 65_536
 """Rows per chunk of the per-nucleus arrays."""
@@ -77,20 +87,19 @@ GRID_UM = 100.0
 _VERTEX_CHUNK = 1 << 20
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed entry dates: the same store gives the same zip bytes
 
-_COLUMNS: dict[str, tuple[str, str]] = {
+COLUMNS: dict[str, tuple[str, str]] = {
     "centroid": ("float64", "level-0 px (x, y)"),
     "bbox": ("float64", "level-0 px (x_min, y_min, x_max, y_max), half-open"),
     "area_um2": ("float32", "µm^2"),
     "perimeter_um": ("float32", "µm"),
     "solidity": ("float32", "1 (area / convex hull area)"),
     "eccentricity": ("float32", "1 (0 = circle)"),
-    "type": ("int16", "class index into attrs['classes']"),
+    "type": ("int16", "class index into attrs['classes'] (0 = unclassified)"),
     "type_prob": ("float32", "1 (fraction of pixels voting for type)"),
     "np_prob": ("float32", "1 (mean nucleus probability)"),
     "region": ("int32", "region index"),
-    "vertices": ("float32", "level-0 px (x, y), rings not closed"),
-    "offsets": ("int64", "row i owns vertices[offsets[i]:offsets[i+1]]"),
 }
+"""Per-nucleus columns: dtype and unit (the ragged vertices/offsets are handled apart)."""
 
 
 def _check_geometry(mpp: float, slide_shape: Sequence[int], grid_um: float) -> tuple[int, int]:
@@ -111,7 +120,7 @@ def count_grid(
     slide_shape: Sequence[int],
     grid_um: float = GRID_UM,
 ) -> tuple[NDArray[np.uint32], float]:
-    """Nuclei per counted class per square cell of ``grid_um`` µm, binned by centroid.
+    """Nuclei per class per square cell of ``grid_um`` µm, binned by centroid.
 
     Parameters
     ----------
@@ -127,8 +136,9 @@ def count_grid(
 
     Returns
     -------
-    grid : (C, rows, cols) uint32 ndarray
-        ``C`` = classes without background (1 for an untyped model); cell ``(r, c)`` covers
+    grid : (C + 1, rows, cols) uint32 ndarray
+        One plane per class of the card (background excluded; none if untyped), then the
+        unclassified plane: every nucleus is in exactly one plane. Cell ``(r, c)`` covers
         level-0 x in ``[c * cell, (c + 1) * cell)`` and y in ``[r * cell, (r + 1) * cell)``.
     cell_px : float
         Cell side in level-0 pixels.
@@ -138,73 +148,149 @@ def count_grid(
     rows, cols = math.ceil(height / cell_px), math.ceil(width / cell_px)
     class_table = ClassTable.from_classes(classes)
     index = class_table.type_index(table.type)
-    # Map each type index to its plane; -1 (typed model, type 0) is counted nowhere.
-    plane_of = np.full(len(class_table.by_type), -1, np.intp)
-    for i, (t, _) in enumerate(class_table.counted):
-        plane_of[t] = i
-    plane = plane_of[index]
-    keep = plane >= 0
-    col = np.clip(np.floor(table.centroid[keep, 0] / cell_px), 0, cols - 1).astype(np.intp)
-    row = np.clip(np.floor(table.centroid[keep, 1] / cell_px), 0, rows - 1).astype(np.intp)
-    n_planes = len(class_table.counted)
-    flat = (plane[keep] * rows + row) * cols + col
-    grid = np.bincount(flat, minlength=n_planes * rows * cols).astype(np.uint32)
-    return grid.reshape(n_planes, rows, cols), cell_px
+    planes = len(class_table.counted) + 1
+    # Type t > 0 is plane t - 1; type 0 (unclassified) the last plane.
+    plane = np.where(index > 0, index - 1, planes - 1)
+    col = np.clip(np.floor(table.centroid[:, 0] / cell_px), 0, cols - 1).astype(np.intp)
+    row = np.clip(np.floor(table.centroid[:, 1] / cell_px), 0, rows - 1).astype(np.intp)
+    flat = (plane * rows + row) * cols + col
+    grid = np.bincount(flat, minlength=planes * rows * cols).astype(np.uint32)
+    return grid.reshape(planes, rows, cols), cell_px
 
 
-def _array(group: zarr.Group, name: str, data: NDArray, chunk_rows: int) -> None:
-    chunks = (max(1, min(chunk_rows, len(data))), *data.shape[1:])
-    # Variable-length strings ("string" in zarr v3); fixed-width ones have no stable v3 spec.
-    dtype = str if data.dtype.kind in "UT" else data.dtype
-    array = group.create_array(name, shape=data.shape, dtype=dtype, chunks=chunks)
-    if data.size:
-        array[...] = data
+def _create(group: zarr.Group, name: str, dtype: Any, tail: tuple[int, ...], rows: int) -> zarr.Array:
+    return group.create_array(name, shape=(0, *tail), dtype=dtype, chunks=(rows, *tail))
 
 
-def _build_store(
-    path: Path,
-    table: NucleusTable,
-    ids: Sequence[str],
-    grid: NDArray[np.uint32],
-    group_attrs: dict[str, Any],
-    grid_attrs: dict[str, Any],
-    chunk_rows: int,
-) -> None:
-    group = zarr.open_group(LocalStore(path), mode="w")
-    group.attrs.update(group_attrs)
-    _array(group, "id", np.asarray(ids, dtype=np.dtypes.StringDType()), chunk_rows)
-    for name, (dtype, _) in _COLUMNS.items():
-        data = np.asarray(getattr(table, name), dtype=dtype)
-        rows = _VERTEX_CHUNK if name == "vertices" else chunk_rows
-        _array(group, name, data, rows)
-    chunks = (1, *(max(1, min(1024, s)) for s in grid.shape[1:]))
-    array = group.create_array("count_grid", shape=grid.shape, dtype="uint32", chunks=chunks)
-    if grid.size:
-        array[...] = grid
-    array.attrs.update(grid_attrs)
+class TableWriter:
+    """Builds the zarr store of a nucleus table chunk by chunk in a local directory.
+
+    Parameters
+    ----------
+    path : Path
+        Local directory of the store (created).
+    classes, mpp, slide_shape, grid_um
+        As for :func:`write_table`.
+    measurements : sequence of str
+        Measurement names every chunk carries, in order.
+    cells : bool
+        Whether chunks carry cell boundaries.
+    ids : mapping
+        How ids were derived (recorded in the attributes), e.g. ``{"key": run_key}``.
+    chunk_rows : int
+        Rows per zarr chunk.
+    """
+
+    def __init__(self, path: Path, *, classes: Sequence[ClassInfo], mpp: float,
+                 slide_shape: Sequence[int], measurements: Sequence[str] = (),
+                 cells: bool = False, ids: Mapping[str, Any] | None = None,
+                 grid_um: float = GRID_UM, chunk_rows: int = CHUNK_ROWS) -> None:
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        self.height, self.width = _check_geometry(mpp, slide_shape, grid_um)
+        self.classes, self.mpp, self.grid_um = tuple(classes), float(mpp), float(grid_um)
+        self.names, self.cells = list(measurements), bool(cells)
+        self.group = zarr.open_group(LocalStore(path), mode="w")
+        self.n = self.vertex_count = self.cell_vertex_count = 0
+        self.grid: NDArray[np.uint32] | None = None
+        g = self.group
+        self.id = _create(g, "id", str, (), chunk_rows)
+        self.columns = {name: _create(g, name, dtype, (2,) if name == "centroid" else
+                                      (4,) if name == "bbox" else (), chunk_rows)
+                        for name, (dtype, _) in COLUMNS.items()}
+        self.vertices = _create(g, "vertices", "float32", (2,), _VERTEX_CHUNK)
+        self.offsets = _create(g, "offsets", "int64", (), chunk_rows)
+        self.offsets.append(np.zeros(1, np.int64))
+        sub = g.create_group("measurements")
+        self.measurements = []
+        for k, name in enumerate(self.names):
+            array = _create(sub, str(k), "float32", (), chunk_rows)
+            array.attrs["name"] = name
+            self.measurements.append(array)
+        if self.cells:
+            self.cell_vertices = _create(g, "cell_vertices", "float32", (2,), _VERTEX_CHUNK)
+            self.cell_offsets = _create(g, "cell_offsets", "int64", (), chunk_rows)
+            self.cell_offsets.append(np.zeros(1, np.int64))
+        class_table = ClassTable.from_classes(self.classes)
+        self.attrs: dict[str, Any] = {
+            "format": FORMAT, "version": 2,
+            "classes": [{"index": i, "name": c.name, "colour": list(c.colour)}
+                        for i, c in enumerate(self.classes)],
+            "typed": class_table.typed, "unclassified": UNCLASSIFIED_NAME,
+            "mpp": self.mpp, "slide_shape": [self.height, self.width],
+            "units": {**{name: unit for name, (_, unit) in COLUMNS.items()},
+                      "vertices": "level-0 px (x, y), rings not closed",
+                      "offsets": "row i owns vertices[offsets[i]:offsets[i+1]]"},
+            "measurements": self.names, "cells": self.cells,
+            "ids": {"uuid5_namespace": str(NUCLEUS_UUID_NAMESPACE), "name": "{key}/{row}",
+                    **dict(ids or {})},
+        }
+
+    def append(self, table: NucleusTable, ids: Sequence[str]) -> None:
+        """Add the next rows (and their ids)."""
+        if len(ids) != len(table):
+            raise ValueError(f"ids has {len(ids)} entries for a chunk of {len(table)} nuclei")
+        extra = getattr(table, "measurements", None) or {}
+        if list(extra) != self.names:
+            raise ValueError(f"chunk measurements {list(extra)} differ from {self.names}")
+        if len(table) == 0:
+            return
+        self.id.append(np.asarray(ids, dtype=np.dtypes.StringDType()))
+        for name, array in self.columns.items():
+            array.append(np.asarray(getattr(table, name), dtype=COLUMNS[name][0]))
+        self.vertices.append(np.asarray(table.vertices, np.float32))
+        self.offsets.append(np.asarray(table.offsets[1:], np.int64) + self.vertex_count)
+        self.vertex_count += len(table.vertices)
+        for array, name in zip(self.measurements, self.names, strict=True):
+            array.append(np.asarray(extra[name], np.float32))
+        if self.cells:
+            if table.cell_vertices is None or table.cell_offsets is None:
+                raise ValueError("the table writer expects cell boundaries in every chunk")
+            self.cell_vertices.append(np.asarray(table.cell_vertices, np.float32))
+            self.cell_offsets.append(np.asarray(table.cell_offsets[1:], np.int64)
+                                     + self.cell_vertex_count)
+            self.cell_vertex_count += len(table.cell_vertices)
+        grid, self.cell_px = count_grid(table, classes=self.classes, mpp=self.mpp,
+                                        slide_shape=(self.height, self.width),
+                                        grid_um=self.grid_um)
+        self.grid = grid if self.grid is None else self.grid + grid
+        self.n += len(table)
+
+    def close(self) -> NDArray[np.uint32]:
+        """Write the count grid and the attributes; returns the grid."""
+        grid = self.grid
+        if grid is None:
+            grid, self.cell_px = count_grid(NucleusTable(), classes=self.classes, mpp=self.mpp,
+                                            slide_shape=(self.height, self.width),
+                                            grid_um=self.grid_um)
+        chunks = (1, *(max(1, min(1024, s)) for s in grid.shape[1:]))
+        array = self.group.create_array("count_grid", shape=grid.shape, dtype="uint32",
+                                        chunks=chunks)
+        if grid.size:
+            array[...] = grid
+        class_table = ClassTable.from_classes(self.classes)
+        array.attrs.update(jsonable({
+            "axes": ["class", "row", "col"],
+            "classes": [c.name for c in class_table.legend],
+            "class_index": [*(t for t, _ in class_table.counted), 0],
+            "origin_px": [0.0, 0.0], "cell_px": self.cell_px, "cell_um": self.grid_um,
+            "binned_by": "centroid",
+        }))
+        self.group.attrs.update(jsonable({**self.attrs, "n": self.n}))
+        return grid
 
 
-def _zip_tree(fs: fsspec.AbstractFileSystem, src: str, dest: str) -> None:
-    """Zip every file under ``src`` (in ``fs``) into the local file ``dest``, names relative."""
-    # find() answers without the protocol ("bucket/key" for "s3://bucket/key"): compare likewise.
-    prefix = fs._strip_protocol(src).rstrip("/") + "/"
-    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_STORED) as archive:
-        for path in sorted(fs.find(src)):
-            info = zipfile.ZipInfo(path[len(prefix):] if path.startswith(prefix) else path,
-                                   date_time=_ZIP_DATE)
-            with fs.open(path, "rb") as fh:
-                archive.writestr(info, fh.read())
-
-
-def _upload_tree(local: Path, fs: fsspec.AbstractFileSystem, dest: str) -> None:
-    if fs.exists(dest):  # stale chunks of an earlier, larger table must not survive
-        fs.rm(dest, recursive=True)
-    for dirpath, _, files in os.walk(local):
-        rel = Path(dirpath).relative_to(local).as_posix()
-        target = dest if rel == "." else join(dest, rel)
-        fs.makedirs(target, exist_ok=True)
-        for name in files:
-            fs.put_file(os.path.join(dirpath, name), join(target, name))
+def zip_tree(local: Path, dest: str) -> None:
+    """Zip the store directory ``local`` into the local file ``dest`` (names relative, stored,
+    fixed dates)."""
+    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for dirpath, _, files in sorted(os.walk(local)):
+            for name in sorted(files):
+                path = Path(dirpath) / name
+                info = zipfile.ZipInfo(path.relative_to(local).as_posix(), date_time=_ZIP_DATE)
+                with open(path, "rb") as src, archive.open(info, "w", force_zip64=True) as out:
+                    while block := src.read(1 << 20):
+                        out.write(block)
 
 
 def write_table(
@@ -219,9 +305,9 @@ def write_table(
     ids: Sequence[str] | None = None,
     grid_um: float = GRID_UM,
     chunk_rows: int = CHUNK_ROWS,
-    make_zip: bool = True,
+    id_info: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """Write ``nuclei.zarr`` (and ``nuclei.zarr.zip``) under ``root``; see the module docstring.
+    """Write ``nuclei.zarr.zip`` under ``root``; see the module docstring.
 
     Parameters
     ----------
@@ -236,129 +322,44 @@ def write_table(
     slide_shape : (int, int)
         Level-0 (height, width).
     seed : str
-        Slide identity for the stable UUIDs (ignored when ``ids`` is given).
+        Run key the ids derive from (recorded; used for the ids when ``ids`` is not given).
     ids : sequence of str, optional
         One UUID per row.
     grid_um : float
         Count-grid cell side, µm.
     chunk_rows : int
         Rows per chunk.
-    make_zip : bool
-        Also write ``nuclei.zarr.zip``.
+    id_info : mapping, optional
+        More about the ids to record (e.g. the run key's parts).
 
     Returns
     -------
     list of str
-        Names written under ``root``.
+        Names written under ``root``: ``["nuclei.zarr.zip"]``.
     """
     prepare_root(fs, root)
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    height, width = _check_geometry(mpp, slide_shape, grid_um)
     if ids is None:
         ids = nucleus_ids(seed, range(len(table)))
     elif len(ids) != len(table):
         raise ValueError(f"ids has {len(ids)} entries for a table of {len(table)} nuclei")
-    grid, cell_px = count_grid(table, classes=classes, mpp=mpp, slide_shape=slide_shape,
-                               grid_um=grid_um)
-    class_table = ClassTable.from_classes(classes)
-    group_attrs = jsonable({
-        "format": "hoverserve.nuclei",
-        "version": 1,
-        "n": len(table),
-        "classes": [{"index": i, "name": c.name, "colour": list(c.colour)}
-                    for i, c in enumerate(classes)],
-        "typed": class_table.typed,
-        "mpp": float(mpp),
-        "slide_shape": [height, width],
-        "units": {name: unit for name, (_, unit) in _COLUMNS.items()},
-        "ids": {"uuid5_namespace": str(NUCLEUS_UUID_NAMESPACE), "name": "{seed}/{row}",
-                "seed": seed},
-    })
-    grid_attrs = jsonable({
-        "axes": ["class", "row", "col"],
-        "classes": [c.name for _, c in class_table.counted],
-        "class_index": [t for t, _ in class_table.counted],
-        "origin_px": [0.0, 0.0],
-        "cell_px": cell_px,
-        "cell_um": float(grid_um),
-        "binned_by": "centroid",
-    })
     with tempfile.TemporaryDirectory(prefix="hoverserve-zarr-") as tmp:
         local = Path(tmp) / TABLE_NAME
-        _build_store(local, table, ids, grid, group_attrs, grid_attrs, chunk_rows)
-        _upload_tree(local, fs, join(root, TABLE_NAME))
-        names = [TABLE_NAME]
-        if make_zip:
-            local_zip = Path(tmp) / ZIP_NAME
-            _zip_tree(fsspec.filesystem("file"), local.as_posix(), local_zip.as_posix())
-            fs.put_file(local_zip.as_posix(), join(root, ZIP_NAME))
-            names.append(ZIP_NAME)
-    logger.info("zarr: wrote %d nuclei, count grid %s (%.1f px cells) under %s",
-                len(table), grid.shape, cell_px, root)
-    return names
-
-
-def zip_zarr(fs: fsspec.AbstractFileSystem, root: str, *, name: str = TABLE_NAME) -> str:
-    """Zip the zarr store ``root/name`` into ``root/name + ".zip"`` (both in ``fs``).
-
-    Returns
-    -------
-    str
-        Name of the zip written under ``root``.
-    """
-    check_fs(fs)
-    src = join(root, name)
-    if not fs.isdir(src):
-        raise FileNotFoundError(f"no zarr store at {src}")
-    with tempfile.TemporaryDirectory(prefix="hoverserve-zip-") as tmp:
-        local_zip = os.path.join(tmp, name + ".zip")
-        _zip_tree(fs, src, local_zip)
-        fs.put_file(local_zip, join(root, name + ".zip"))
-    return name + ".zip"
-
-
-def _open_store(fs: fsspec.AbstractFileSystem, path: str, tmp: str) -> Store:
-    if path.endswith(".zip"):
-        local = os.path.join(tmp, "table.zip")
-        fs.get_file(path, local)
-        return ZipStore(local, mode="r")
-    return FsspecStore.from_mapper(fs.get_mapper(path), read_only=True)
-
-
-def _read(group: zarr.Group, key: str, dtype: str) -> NDArray:
-    array = group.get(key)
-    if not isinstance(array, zarr.Array):
-        raise ValueError(f"nucleus table has no array {key!r}")
-    return np.asarray(array[...], dtype=dtype)
-
-
-def read_table(fs: fsspec.AbstractFileSystem, root: str, *, name: str = TABLE_NAME) -> NucleusTable:
-    """Read a nucleus table written by :func:`write_table`.
-
-    Parameters
-    ----------
-    fs : fsspec.AbstractFileSystem
-    root : str
-        Directory inside ``fs``.
-    name : str
-        ``"nuclei.zarr"`` (the store) or ``"nuclei.zarr.zip"`` (its zip).
-
-    Returns
-    -------
-    NucleusTable
-    """
-    check_fs(fs)
-    path = join(root, name)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"no nucleus table at {path}")
-    with tempfile.TemporaryDirectory(prefix="hoverserve-read-") as tmp:
-        store = _open_store(fs, path, tmp)
-        try:
-            group = zarr.open_group(store, mode="r")
-            if group.attrs.get("format") != "hoverserve.nuclei":
-                raise ValueError(f"{path} is not a HoVerServe nucleus table")
-            columns = {key: _read(group, key, dtype) for key, (dtype, _) in _COLUMNS.items()}
-        finally:
-            store.close()
-    return NucleusTable(**columns)
+        writer = TableWriter(local, classes=classes, mpp=mpp, slide_shape=slide_shape,
+                             measurements=list(getattr(table, "measurements", None) or {}),
+                             cells=getattr(table, "cell_offsets", None) is not None,
+                             ids={"key": seed, **dict(id_info or {})}, grid_um=grid_um,
+                             chunk_rows=chunk_rows)
+        for lo in range(0, len(table), chunk_rows):
+            hi = min(lo + chunk_rows, len(table))
+            part = table if (lo, hi) == (0, len(table)) else table.take(np.arange(lo, hi))
+            writer.append(part, ids[lo:hi])
+        grid = writer.close()
+        local_zip = Path(tmp) / ZIP_NAME
+        zip_tree(local, local_zip.as_posix())
+        target = f"{root.rstrip('/')}/{ZIP_NAME}" if root else ZIP_NAME
+        fs.put_file(local_zip.as_posix(), target)
+    stale = f"{root.rstrip('/')}/{TABLE_NAME}" if root else TABLE_NAME
+    if fs.exists(stale):  # a store directory of an earlier version beside the zip
+        fs.rm(stale, recursive=True)
+    logger.info("zarr: wrote %d nuclei, count grid %s under %s", len(table), grid.shape, root)
+    return [ZIP_NAME]
