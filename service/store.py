@@ -62,6 +62,13 @@ def save_table(table: NucleusTable, **extra: Any) -> bytes:
     """A nucleus table (plus small ``extra`` metadata arrays) as ``.npz`` bytes."""
     buffer = io.BytesIO()
     arrays: dict[str, Any] = {name: getattr(table, name) for name in _TABLE_COLUMNS}
+    # Measurements as one (n, k) block plus their names (an npz key cannot hold every name).
+    names = list(table.measurements)
+    arrays["measurement_names"] = np.array(names, dtype=str)
+    arrays["measurement_values"] = (np.stack([table.measurements[k] for k in names], axis=1)
+                                    if names else np.zeros((len(table), 0), np.float32))
+    if table.cell_vertices is not None and table.cell_offsets is not None:
+        arrays["cell_vertices"], arrays["cell_offsets"] = table.cell_vertices, table.cell_offsets
     arrays.update({f"meta_{k}": np.asarray(v) for k, v in extra.items()})
     np.savez(buffer, **arrays)
     return buffer.getvalue()
@@ -70,7 +77,15 @@ def save_table(table: NucleusTable, **extra: Any) -> bytes:
 def load_table(data: bytes) -> tuple[NucleusTable, dict[str, Any]]:
     """Inverse of :func:`save_table`: the table and its ``extra`` metadata."""
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        table = NucleusTable(**{name: npz[name] for name in _TABLE_COLUMNS})
+        columns = {name: npz[name] for name in _TABLE_COLUMNS}
+        if "measurement_names" in npz.files:  # tables saved before measurements lack them
+            values = npz["measurement_values"]
+            columns["measurements"] = {str(k): np.ascontiguousarray(values[:, i])
+                                       for i, k in enumerate(npz["measurement_names"].tolist())}
+        if "cell_offsets" in npz.files:
+            columns["cell_vertices"] = npz["cell_vertices"]
+            columns["cell_offsets"] = npz["cell_offsets"]
+        table = NucleusTable(**columns)
         meta = {k.removeprefix("meta_"): npz[k].item() for k in npz.files if k.startswith("meta_")}
     return table, meta
 

@@ -21,7 +21,7 @@ from worker.nuclei import Nucleus, NucleusTable
 from worker.plan import Box, Region
 from worker.read import ModelGrid
 
-__all__ = ["SEAM_BAND", "region_table", "resolve_seams"]
+__all__ = ["SEAM_BAND", "region_table", "reported", "resolve_seams"]
 
 SEAM_BAND = 3.0
 """Width, model pixels, of the band outside a core whose nuclei a region also reports."""
@@ -33,6 +33,24 @@ DUPLICATE_IOU = 0.2
 def _model_centroids(table: NucleusTable, grid: ModelGrid) -> NDArray[np.float64]:
     """(x, y) centroids back on the model grid (pixel-index convention)."""
     return table.centroid / grid.level0_per_model - 0.5
+
+
+def reported(
+    nuclei: Sequence[Nucleus], region: Region, *, area: Box, band: float = SEAM_BAND,
+    upsample: int = 1,
+) -> NDArray[np.bool_]:
+    """Which of a region's nuclei :func:`region_table` keeps (same arguments)."""
+    if not nuclei:
+        return np.zeros(0, bool)
+    f = upsample
+    cx = (np.array([n.centroid[0] for n in nuclei]) + 0.5) / f - 0.5 + region.maps.col0
+    cy = (np.array([n.centroid[1] for n in nuclei]) + 0.5) / f - 0.5 + region.maps.row0
+    core = region.core
+    return np.asarray(
+        (cy >= core.row0 - band) & (cy < core.row1 + band)
+        & (cx >= core.col0 - band) & (cx < core.col1 + band)
+        & area.contains_points(cy, cx), dtype=bool,
+    )
 
 
 def region_table(
@@ -54,14 +72,7 @@ def region_table(
         return NucleusTable()
     f = upsample
     origin_x, origin_y = region.maps.col0, region.maps.row0
-    cx = (np.array([n.centroid[0] for n in nuclei]) + 0.5) / f - 0.5 + origin_x
-    cy = (np.array([n.centroid[1] for n in nuclei]) + 0.5) / f - 0.5 + origin_y
-    core = region.core
-    keep = (
-        (cy >= core.row0 - band) & (cy < core.row1 + band)
-        & (cx >= core.col0 - band) & (cx < core.col1 + band)
-        & area.contains_points(cy, cx)
-    )
+    keep = reported(nuclei, region, area=area, band=band, upsample=upsample)
     chosen = [n for n, k in zip(nuclei, keep, strict=True) if k]
     # The fine grid is a model grid of its own: f times the pixels, origin f times further.
     return NucleusTable.from_nuclei(

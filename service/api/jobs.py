@@ -25,6 +25,7 @@ from service.errors import (
     ResultsExpired,
     ServiceError,
     SlideNotFound,
+    public_message,
     slide_error_code,
 )
 from service.jobs import JobOptions, JobRecord, JobState, SlideRef, new_job_id, transition
@@ -86,7 +87,10 @@ def _status(record: JobRecord, services: Services, request: Request) -> JobStatu
     if record.state is JobState.SUCCEEDED and not record.expired:
         results = {name: str(request.url_for("get_result", job_id=record.id, name=name))
                    for name in record.results}
-    error = ErrorDetail(code=record.error.code, message=record.error.message) if record.error else None
+    error = None
+    if record.error:  # worker messages name server paths and CLI flags: say it as the API does
+        error = ErrorDetail(code=record.error.code,
+                            message=public_message(record.error.message, record.slide.name))
     return JobStatus(
         id=record.id, state=record.state, created_at=record.created_at,
         started_at=record.started_at, finished_at=record.finished_at, model=record.model,
@@ -122,8 +126,9 @@ def _option_problem(error: Any) -> str:
 
 
 def _validate_slide(path: Path, options: JobOptions) -> None:
-    """Open the slide with the workers' reader, as they will (raises SlideError)."""
-    from worker.slide import open_slide
+    """Open the slide with the workers' reader, as they will (raises SlideError); decodes no
+    more than one tile: the planning budget is checked from the slide's levels alone."""
+    from worker.slide import check_planning_budget, open_slide
 
     with open_slide(path, mpp=options.mpp) as slide:
         if options.roi is not None:
@@ -132,6 +137,7 @@ def _validate_slide(path: Path, options: JobOptions) -> None:
             if x >= width or y >= height:
                 raise InvalidOptions(
                     f"roi {list(options.roi)} lies outside the slide ({width} x {height} px)")
+        check_planning_budget(slide, options.roi)
 
 
 def _store_upload(services: Services, upload: Upload, options: JobOptions, owner: str,
