@@ -267,6 +267,8 @@ def _reliability_rows(table: dict[str, Any]) -> list[list[str]]:
 
 
 def _cmd_model_calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from models.calibration import Outcomes, class_outcomes, fit_calibration, reliability_table
     from models.card import read_card, replace_card
     from worker.postprocess import PostprocessOptions
@@ -279,7 +281,7 @@ def _cmd_model_calibrate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     options = PostprocessOptions(class_prob_calibration=points)
-    after = [options.class_probability(s) for s in outcomes.scores]
+    after = np.array([options.class_probability(s) for s in outcomes.scores])
     header = ["score", "nuclei", "mean probability", "share right"]
     for title, scores in (("before (raw vote share)", outcomes.scores), ("after calibration", after)):
         table = reliability_table(scores, outcomes.correct, bins=args.bins)

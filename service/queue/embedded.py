@@ -268,6 +268,10 @@ class EmbeddedQueue:
                 self._run(job_id, proc)
             except TaskInterrupted as stop:
                 if stop.why == CANCELLED:
+                    # The cancel may land between two tasks: the child is then idle but was the
+                    # job's; stop it too, so a cancel always ends the job's process (the next job
+                    # starts a fresh one).
+                    proc.stop()
                     self._cleanup(job_id)
                 else:
                     logger.info("job %s: paused (%s); it resumes where it stopped", job_id, stop.why)

@@ -4,6 +4,7 @@ outcomes come from the inference path on point and outline data."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,8 @@ def test_the_fitted_map_is_monotone_and_follows_the_true_curve() -> None:
     correct = rng.uniform(0, 1, scores.size) < scores ** 2
     points = fit_calibration(scores, correct, bins=12)
     xs, ys = zip(*points, strict=True)
-    assert all(b > a for a, b in zip(xs, xs[1:], strict=False))
-    assert all(b >= a for a, b in zip(ys, ys[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(xs))
+    assert all(b >= a for a, b in itertools.pairwise(ys))
     for x, y in points:
         assert y == pytest.approx(x ** 2, abs=0.04)
     options = PostprocessOptions(class_prob_calibration=points)  # a valid card option

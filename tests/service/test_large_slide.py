@@ -134,3 +134,27 @@ def test_the_stored_slide_named_by_hash_without_an_roi_is_refused_too(
     # Plain form fields, sent as multipart parts (no file name).
     response = client.post("/v1/jobs", files={k: (None, v) for k, v in fields.items()})
     _refused_too_large(response)
+
+
+def test_cancel_of_a_running_job_on_it_takes_effect_within_five_seconds(
+    client: httpx.Client, huge: Path, home: Path
+) -> None:
+    # A 6000 px roi of the huge slide: dozens of regions, minutes of work for the only worker.
+    job_id = submit(client, huge, {**ORACLE, "roi": [0, 0, 6000, 6000]}).json()["id"]
+    wait_for(client, job_id, timeout=LIMIT_S, states=("running",))
+    start = time.monotonic()
+    assert client.delete(f"/v1/jobs/{job_id}").status_code == 200
+    job = wait_for(client, job_id, timeout=5, states=("cancelled", "succeeded", "failed"))
+    assert job["state"] == "cancelled"
+    folder = home / "store" / "jobs" / job_id
+    left = ["cancelled", "job.json"]
+
+    def files() -> list[str]:
+        return sorted(p.name for p in folder.iterdir())
+
+    while time.monotonic() - start < 5 and files() != left:
+        time.sleep(0.2)
+    # The task stopped and cleaned up after itself: no plan, no regions, and nothing comes back.
+    assert files() == left
+    time.sleep(1.5)
+    assert files() == left

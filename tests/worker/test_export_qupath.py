@@ -68,11 +68,15 @@ def write_made_up_table(path: Path, n: int, chunk: int) -> Path:
 
 def export(table: Path, out: Path, *options: str) -> tuple[int, int, str]:
     """Run the export in a fresh interpreter: (exit status, its peak RSS in bytes, stderr)."""
+    # VmHWM is this process's own high-water mark: getrusage's ru_maxrss after fork + exec can
+    # carry the forking parent's size (a test process of 2 GB made a 300 MB export read 2 GB).
     code = (
-        "import resource, sys\n"
+        "import sys\n"
+        "from pathlib import Path\n"
         "from service.cli import main\n"
         "status = main(sys.argv[1:])\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+        "hwm = [l for l in Path('/proc/self/status').read_text().splitlines() if l.startswith('VmHWM:')]\n"
+        "print(int(hwm[0].split()[1]) * 1024)\n"
         "sys.exit(status)\n"
     )
     done = subprocess.run([sys.executable, "-c", code, "export", "qupath", str(table),

@@ -193,3 +193,25 @@ def test_cmu_area_is_the_written_polygon_area(tmp_path: Path, objects: str) -> N
         cell_area = np.array([c.area for c in cells]) * mpp * mpp
         np.testing.assert_allclose(table.measurements["Cell: Area µm^2"], cell_area, rtol=0.01)
         assert all(c.buffer(1e-6).contains(p) for c, p in zip(cells, polygons, strict=True))
+
+
+@pytest.mark.slow
+def test_every_written_nucleus_area_is_its_geojson_polygon_area(tmp_path: Path) -> None:
+    """The whole of CMU-1-Small-Region: for every feature QuPath would import, the area measurement
+    is the area of the polygon in the file × mpp² (within 1 %)."""
+    import gzip
+
+    import shapely
+
+    from worker.pipeline import InferenceOptions, run_slide
+
+    model = build_oracle(tmp_path / "oracle.onnx", oracle_card(mpp=0.5))
+    fs, root = fsspec.url_to_fs(str(tmp_path / "out"))
+    run_slide(CMU1, fs=fs, root=root, options=InferenceOptions(model=model, workers=0))
+    with gzip.open(tmp_path / "out" / "nuclei.geojson.gz", "rt") as fh:
+        features = json.load(fh)["features"]
+    assert len(features) > 500
+    mpp = 0.499
+    areas = np.array([shapely.geometry.shape(f["geometry"]).area for f in features]) * mpp * mpp
+    written = np.array([f["properties"]["measurements"]["Nucleus: Area µm^2"] for f in features])
+    np.testing.assert_allclose(written, areas, rtol=0.01)
