@@ -59,7 +59,8 @@ _UPLOAD_DOC = {
                                  "description": "instead of a file: a slide already in the store"},
                 "options": {"type": "string", "description": (
                     "JSON object: model (name from GET /v1/models), mpp (µm/px override), "
-                    "roi [x, y, w, h] level-0 px, tissue_mask (bool), region_size (model px)")},
+                    "roi [x, y, w, h] level-0 px, tissue_mask (bool), region_size (model px), "
+                    "objects (detections or cells), min_class_prob (0-1: below it, unclassified)")},
             },
         }}},
     },
@@ -311,8 +312,9 @@ def get_job(job_id: str, request: Request, services: ServicesDep, owner: OwnerDe
     summary="Download a result",
 )
 def get_result(job_id: str, name: str, services: ServicesDep, owner: OwnerDep) -> Response:
-    """One output of a succeeded job: ``nuclei.geojson.gz`` (or its parts), ``counts.json``,
-    ``manifest.json``, ``overlay.png``, ``nuclei.zarr.zip``, ``nuclei-index.json``."""
+    """One output of a succeeded job: ``nuclei.geojson.gz`` (or ``nuclei.zip`` of entries with
+    ``nuclei-index.json``, for large slides), ``counts.json``, ``manifest.json``, ``overlay.png``,
+    ``nuclei.zarr.zip``."""
     record = _own_record(services, job_id, owner)
     if record.expired:
         raise ResultsExpired(f"job {job_id}'s results expired and were deleted")
