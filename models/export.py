@@ -20,7 +20,15 @@ from torch import Tensor, nn
 from models.card import ModelCard, embed_card
 from models.errors import ExportError
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAMES", "TTA_TRANSFORMS", "OnnxHead", "check_onnx", "export_onnx"]
+__all__ = [
+    "INPUT_NAME",
+    "OUTPUT_NAMES",
+    "TTA_TRANSFORMS",
+    "OnnxHead",
+    "check_onnx",
+    "export_onnx",
+    "write_with_card",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +204,7 @@ def export_onnx(
         traced = Path(tmp) / "traced.onnx"
         head = OnnxHead(model, typed=bool(card.classes), tta=card.test_time_augmentation)
         _trace_to_onnx(head, sample, traced, opset=opset)
-        _write_with_card(traced, card, output)
+        write_with_card(traced, card, output)
     logger.info("exported %s (%.1f MB)", output, output.stat().st_size / 1e6)
     if check:
         check_onnx(output, card)
@@ -270,7 +278,8 @@ def _trace_to_onnx(head: OnnxHead, sample: Tensor, path: Path, *, opset: int) ->
         logger.debug("exporter warning: %s", item.message)
 
 
-def _write_with_card(traced: Path, card: ModelCard, output: Path) -> None:
+def write_with_card(traced: Path, card: ModelCard, output: Path) -> None:
+    """Write the traced graph at ``traced`` to ``output`` with ``card`` embedded, checked as ONNX."""
     import onnx
 
     proto = onnx.load(str(traced))

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.card import ModelCard, embed_card
+from models.card import ModelCard
 from models.errors import ExportError
+from models.export import INPUT_NAME, write_with_card
 
 __all__ = ["BOUNDARY_OUTPUTS", "BoundaryHead", "check_boundary_onnx", "export_boundary_onnx"]
 
 logger = logging.getLogger(__name__)
 
-INPUT_NAME = "image"
 BOUNDARY_OUTPUTS = ("sem_prob", "boundary_prob")
 """Names of the exported graph's outputs."""
 
@@ -93,7 +93,7 @@ def export_boundary_onnx(
         with tempfile.TemporaryDirectory(dir=output.parent, prefix=".export-") as tmp:
             traced = Path(tmp) / "traced.onnx"
             _trace(head, sample, traced, opset=opset)
-            _write_with_card(traced, card, output)
+            write_with_card(traced, card, output)
     finally:
         model.train(was_training)
     logger.info("exported %s (%.1f MB)", output, output.stat().st_size / 1e6)
@@ -123,18 +123,6 @@ def _trace(head: BoundaryHead, sample: Tensor, path: Path, *, opset: int) -> Non
                               opset_version=opset, do_constant_folding=True, dynamo=False)
     except Exception as exc:  # the exporter raises many unrelated types
         raise ExportError(f"ONNX export failed: {exc}") from exc
-
-
-def _write_with_card(traced: Path, card: ModelCard, output: Path) -> None:
-    import onnx
-
-    proto = onnx.load(str(traced))
-    embed_card(proto, card)
-    try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"exported graph is not valid ONNX: {exc}") from exc
-    onnx.save(proto, str(output))
 
 
 def check_boundary_onnx(path: str | Path, card: ModelCard, *, batch: int = 1) -> dict[str, np.ndarray]:
