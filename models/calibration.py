@@ -90,16 +90,13 @@ def fit_calibration(scores: NDArray[np.floating], correct: NDArray[np.bool_], *,
 
 def _predicted(model: Any, image: NDArray[np.uint8], mpp: float, postprocess: dict[str, Any]
                ) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.float64]]:
-    from skimage.measure import regionprops_table
-
     from models.evaluate_model import nuclei_from_maps, predict_image_maps
+    from models.evaluate_points import label_centres
 
     labels, nuclei = nuclei_from_maps(predict_image_maps(model, image, mpp), model.card.mpp, postprocess)
-    props = regionprops_table(labels, properties=("label", "centroid"))
-    xy = np.stack([props["centroid-1"], props["centroid-0"]], axis=1) if len(props["label"]) \
-        else np.zeros((0, 2))
-    kinds = np.asarray([nuclei.get(int(lab), (0, 0.0))[0] for lab in props["label"]], np.int64)
-    probs = np.asarray([nuclei.get(int(lab), (0, 0.0))[1] for lab in props["label"]], np.float64)
+    ids, xy = label_centres(labels)
+    kinds = np.asarray([nuclei.get(int(lab), (0, 0.0))[0] for lab in ids], np.int64)
+    probs = np.asarray([nuclei.get(int(lab), (0, 0.0))[1] for lab in ids], np.float64)
     return xy, kinds, probs
 
 

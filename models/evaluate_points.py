@@ -36,6 +36,7 @@ __all__ = [
     "class_map",
     "evaluate_points",
     "is_point_dataset",
+    "label_centres",
     "point_table",
     "read_points",
 ]
@@ -106,14 +107,19 @@ def class_map(point_names: Sequence[str], model_names: Sequence[str]) -> dict[in
     return mapping
 
 
-def _centres(labels: NDArray[np.int32], types: dict[int, int]) -> tuple[NDArray, NDArray]:
+def label_centres(labels: NDArray[np.integer]) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """Each instance's id (n,) and centre of mass (n, 2) as (x, y) pixels, ids ascending."""
     from skimage.measure import regionprops_table
 
     props = regionprops_table(labels, properties=("label", "centroid"))
-    xy = np.stack([props["centroid-1"], props["centroid-0"]], axis=1) if len(props["label"]) \
-        else np.zeros((0, 2))
-    cls = np.asarray([types.get(int(lab), 0) for lab in props["label"]], dtype=np.int64)
-    return xy, cls
+    ids = np.asarray(props["label"], np.int64)
+    xy = np.stack([props["centroid-1"], props["centroid-0"]], axis=1) if ids.size else np.zeros((0, 2))
+    return ids, xy
+
+
+def _centres(labels: NDArray[np.int32], types: dict[int, int]) -> tuple[NDArray, NDArray]:
+    ids, xy = label_centres(labels)
+    return xy, np.asarray([types.get(int(lab), 0) for lab in ids], dtype=np.int64)
 
 
 def _num(value: float) -> float | None:
