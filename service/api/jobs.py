@@ -152,7 +152,7 @@ def _store_upload(services: Services, upload: Upload, options: JobOptions, owner
     upload.path = named
     _validate_slide(named, options)
     registry = SlideRegistry(services.store)
-    _check_stored_bytes(services, owner, upload.sha256, upload.size)
+    _check_stored_bytes(services, _owner_records(services, owner), upload.sha256, upload.size)
     # The reference first: a concurrent deletion of the last other reference then keeps the file.
     registry.add_ref(upload.sha256, owner, job_id)
     ext = registry.stored_ext(upload.sha256)
@@ -195,23 +195,28 @@ def _owner_records(services: Services, owner: str) -> list[JobRecord]:
     return _read_records(services.store, services.store.owner_jobs(owner))
 
 
-def _check_active_jobs(services: Services, owner: str) -> None:
-    """429 when the key already has its quota of queued and running jobs."""
+def _check_quotas(services: Services, owner: str) -> None:
+    """429 before an upload is read: the key has its quota of queued and running jobs, or its
+    stored slides already fill its byte quota (one read of the key's records for both)."""
+    records = _owner_records(services, owner)
     limit = services.settings.quota_active_jobs
-    active = sum(not r.finished for r in _owner_records(services, owner))
+    active = sum(not r.finished for r in records)
     if active >= limit:
         raise QuotaExceeded(
             f"you have {active} queued or running jobs (quota {limit}); wait for one to finish "
             "or cancel one", retry_after_s=services.settings.quota_retry_after_s)
+    _check_stored_bytes(services, records, None, 0)
 
 
-def _check_stored_bytes(services: Services, owner: str, sha256: str | None, size: int) -> None:
-    """429 when the key's stored slides (plus a new one of ``size`` bytes) exceed its quota."""
+def _check_stored_bytes(services: Services, records: list[JobRecord], sha256: str | None,
+                        size: int) -> None:
+    """429 when the key's stored slides (of ``records``) exceed its byte quota: already
+    (``sha256`` None), or once a new slide ``sha256`` of ``size`` bytes is added."""
     limit = int(services.settings.quota_stored_gb * 2**30)
-    slides = {r.slide.sha256: r.slide.bytes for r in _owner_records(services, owner) if not r.expired}
+    slides = {r.slide.sha256: r.slide.bytes for r in records if not r.expired}
     used = sum(slides.values())
-    new = 0 if sha256 in slides else size
-    if used + new > limit or (new == 0 and used >= limit and sha256 is None):
+    over = used >= limit if sha256 is None else used + (0 if sha256 in slides else size) > limit
+    if over:
         raise QuotaExceeded(
             f"your stored slides take {used / 2**30:.2f} GiB (quota "
             f"{services.settings.quota_stored_gb:g} GiB); delete finished jobs to free space",
@@ -231,8 +236,7 @@ async def create_job(request: Request, response: Response, services: ServicesDep
     optional ``options`` JSON. The slide is opened once with the workers' reader before the job is
     queued, so unreadable, non-RGB or absurd files are refused here (422)."""
     settings = services.settings
-    await run_in_threadpool(_check_active_jobs, services, owner)
-    await run_in_threadpool(_check_stored_bytes, services, owner, None, 0)
+    await run_in_threadpool(_check_quotas, services, owner)
     job_id = new_job_id()
     upload = await receive_upload(request, tmp_dir=services.store.cache_dir / "uploads",
                                   limit=settings.max_upload_bytes,
