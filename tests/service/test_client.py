@@ -286,7 +286,11 @@ def test_ctrl_c_while_waiting_names_the_job_and_the_way_back(server: Server) -> 
     # Whole slide: long enough to be still running when interrupted.
     proc = subprocess.Popen([sys.executable, "-c", _MAIN, "submit", str(CMU1), "--server", server.url,
                              "--model", "oracle", "--wait", "--quiet"], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # A suite started in the background inherits SIGINT ignored (as a shell
+                            # sets it for `cmd &`), and Python then installs no Ctrl-C handler:
+                            # give the client the terminal's default, as a user's shell does.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout is not None
         job_id = proc.stdout.readline().strip()  # printed as soon as the job exists
