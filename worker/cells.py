@@ -13,10 +13,10 @@ import math
 import numpy as np
 from numpy.typing import NDArray
 
+from worker.options import DEFAULT_EXPANSION_UM
+
 __all__ = ["DEFAULT_EXPANSION_UM", "expand_nuclei", "trace_outlines"]
 
-DEFAULT_EXPANSION_UM = 5.0
-"""Default cell expansion, µm (QuPath's cell detection default, ``cellExpansionMicrons``)."""
 
 
 def expand_nuclei(labels: NDArray[np.integer], distance_px: float) -> NDArray[np.int32]:

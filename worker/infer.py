@@ -7,7 +7,6 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -15,13 +14,13 @@ from numpy.typing import NDArray
 from models.card import CARD_METADATA_KEY, ModelCard
 from models.errors import ModelCardError
 from worker.errors import InferenceError
+from worker.options import Device
 from worker.plan import Box, tile_boxes
 
 __all__ = ["Device", "Model", "RegionMaps", "load_model", "predict_maps", "select_providers"]
 
 logger = logging.getLogger(__name__)
 
-Device = Literal["auto", "cpu", "cuda"]
 
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 

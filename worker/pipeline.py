@@ -18,19 +18,18 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from models.card import ModelCard
-from worker.cells import DEFAULT_EXPANSION_UM
-from worker.infer import Device, Model, RegionMaps, load_model, predict_maps
+from worker.infer import Model, RegionMaps, load_model, predict_maps
 from worker.merge import region_table, resolve_seams
 from worker.nuclei import NucleusTable
-from worker.plan import DEFAULT_HALO_UM, DEFAULT_REGION_SIZE, Box, Region, plan_regions
+from worker.options import DEFAULT_EXPANSION_UM, InferenceOptions, ObjectsOption
+from worker.plan import Box, Region, plan_regions
 from worker.read import ModelGrid, model_grid, read_model_box
-from worker.slide.base import MAX_MPP, MIN_MPP, plausible_mpp
 from worker.stain import StainVectors
 
 if TYPE_CHECKING:
@@ -52,69 +51,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
-"""Default size of the read/post-process pool (processes)."""
-
-TissueOption = Literal["auto", "none"] | Path
-ObjectsOption = Literal["detections", "cells"]
-
-MAX_EXPANSION_UM = 20.0
-"""Largest cell expansion: the default halo (24 µm) must still hold a nucleus plus its cell."""
-
-
-@dataclass(frozen=True)
-class InferenceOptions:
-    """What to run and how. Built once by the caller (CLI or queue task) and passed down."""
-
-    model: Path
-    mpp: float | None = None
-    roi: tuple[int, int, int, int] | None = None
-    region_size: int = DEFAULT_REGION_SIZE
-    batch_size: int = 8
-    workers: int = DEFAULT_WORKERS
-    device: Device = "auto"
-    tissue: TissueOption = "auto"
-    halo_um: float = DEFAULT_HALO_UM
-    objects: ObjectsOption = "detections"
-    cell_expansion_um: float = DEFAULT_EXPANSION_UM
-    min_class_prob: float | None = None
-    """Leave nuclei whose class probability is below this unclassified (None: the card's)."""
-
-    def __post_init__(self) -> None:
-        if self.mpp is not None and plausible_mpp(self.mpp) is None:
-            raise ValueError(f"mpp must be a finite number within {MIN_MPP}..{MAX_MPP} µm/px, "
-                             f"got {self.mpp}")
-        if self.roi is not None:
-            x, y, w, h = self.roi
-            if w <= 0 or h <= 0 or x < 0 or y < 0:
-                raise ValueError(f"roi must be x,y,w,h with x,y >= 0 and w,h > 0, got {self.roi}")
-        if self.region_size < 64:
-            raise ValueError(f"region_size must be >= 64 model pixels, got {self.region_size}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
-        if self.halo_um < 0:
-            raise ValueError(f"halo_um must be >= 0, got {self.halo_um}")
-        if self.objects not in ("detections", "cells"):
-            raise ValueError(f"objects must be 'detections' or 'cells', got {self.objects!r}")
-        if not 0 < self.cell_expansion_um <= MAX_EXPANSION_UM:
-            raise ValueError(f"cell_expansion_um must be within 0..{MAX_EXPANSION_UM} µm, "
-                             f"got {self.cell_expansion_um}")
-        if self.min_class_prob is not None and not 0 <= self.min_class_prob <= 1:
-            raise ValueError(f"min_class_prob must be within 0..1, got {self.min_class_prob}")
-
-    def parameters(self) -> dict[str, Any]:
-        """JSON-ready record of the options, for the manifest."""
-        return {
-            "model": str(self.model), "mpp": self.mpp, "roi": list(self.roi) if self.roi else None,
-            "region_size": self.region_size, "batch_size": self.batch_size,
-            "workers": self.workers, "device": self.device, "tissue": str(self.tissue),
-            "halo_um": self.halo_um, "objects": self.objects,
-            "cell_expansion_um": self.cell_expansion_um, "min_class_prob": self.min_class_prob,
-        }
-
 
 @dataclass(frozen=True)
 class SlidePlan:

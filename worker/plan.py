@@ -16,13 +16,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from worker.options import DEFAULT_REGION_SIZE
+
 __all__ = ["Box", "Region", "plan_regions", "tile_boxes"]
 
-DEFAULT_REGION_SIZE = 2048
-"""Default core side, model pixels (rounded to a multiple of the model's output size)."""
-
-DEFAULT_HALO_UM = 24.0
-"""Default halo width, µm: about one and a half large nuclei (nuclei rarely exceed ~16 µm)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,7 @@ from scipy import ndimage
 
 from worker.contours import pixel_edge_ring
 from worker.nuclei import Nucleus
+from worker.options import MAX_UPSAMPLE
 from worker.watershed import instance_labels
 
 __all__ = [
@@ -83,8 +84,6 @@ _MIN_SIZE = 10
 _OPENING = 5
 _MAX_SOBEL_KSIZE = 31  # the largest aperture cv2.Sobel accepts
 _MAX_TYPES = 256  # bounds the (nuclei × types) vote table
-MAX_UPSAMPLE = 4
-"""Largest ``upsample`` factor: 16x the map pixels already; more buys nothing at any model resolution."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from worker.errors import MissingResolution, SlideTooLarge
+from worker.options import MAX_MPP, MIN_MPP
 
 __all__ = [
     "CHUNK_CACHE_BYTES",
@@ -40,12 +41,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MIN_MPP = 0.05
-"""Smallest plausible microscope resolution, µm per pixel (beyond any optical microscope)."""
-
-MAX_MPP = 10.0
-"""Largest plausible whole-slide resolution, µm per pixel (a 1× scan). Coarser values in metadata
-are taken to be a file format's default (72 dpi = 352.8 µm/px), not a measurement."""
 
 MAX_UNTILED_PIXELS = 20_000 * 20_000
 """Largest untiled (stripped or plain-image) level we accept, pixels: such images cannot be read
