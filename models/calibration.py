@@ -6,7 +6,7 @@ the two classes agree. :func:`reliability_table` bins nuclei by score and compar
 with the share that is right (expected calibration error, ECE: their weighted mean gap);
 :func:`fit_calibration` turns the same outcomes into a non-decreasing map (pool-adjacent-violators
 over equal-count bins), which a card stores as ``postprocess.class_prob_calibration`` and the
-post-processing applies (:meth:`worker.postprocess.PostprocessOptions.class_probability`).
+post-processing applies (:meth:`models.families.HoverOptions.class_probability`).
 
 ``hoverserve model calibrate MODEL DATA... -o OUT`` collects the outcomes through the inference
 path (:func:`class_outcomes`), prints the table before and after, and writes a carded copy.

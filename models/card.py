@@ -7,20 +7,27 @@ Resolution, patch sizes, class names and colours travel with the ONNX file as me
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from models.errors import ModelCardError
+from models.families import BoundaryOptions, Family, HoverOptions, contract
 
 __all__ = ["CARD_METADATA_KEY", "ClassInfo", "ModelCard", "embed_card", "read_card", "replace_card"]
 
 CARD_METADATA_KEY = "hoverserve.card"
 """Name of the ONNX ``metadata_props`` entry holding the card as JSON."""
-
-Family = Literal["hover", "boundary", "instance"]
-
 
 class ClassInfo(BaseModel):
     """One nucleus class: its display name and RGB colour (0-255 integers)."""
@@ -64,6 +71,8 @@ class ModelCard(BaseModel):
         "none", description="Transforms averaged inside the graph (flip: 4, dihedral: 8 per patch)"
     )
 
+    _options: HoverOptions | BoundaryOptions = PrivateAttr()
+
     @model_validator(mode="after")
     def _check_sizes(self) -> ModelCard:
         if self.output_size > self.input_size or (self.input_size - self.output_size) % 2:
@@ -72,6 +81,25 @@ class ModelCard(BaseModel):
                 "and differ from it by an even number (centre crop)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_postprocess(self) -> ModelCard:
+        # Parsed and checked once here; ``postprocess`` itself stays as the file wrote it (its JSON
+        # is part of the run key that nucleus ids derive from).
+        self._options = contract(self.family).options.from_mapping(self.postprocess)
+        return self
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> ModelCard:
+        """A copy; with ``update``, validated again like a loaded card (pydantic's own copy would
+        keep the old post-processing options beside a new ``postprocess``)."""
+        if not update:
+            return super().model_copy(deep=deep)
+        return type(self).model_validate({**self.model_dump(), **update})
+
+    @property
+    def options(self) -> HoverOptions | BoundaryOptions:
+        """The card's post-processing, typed by its family (checked when the card was loaded)."""
+        return self._options
 
     @property
     def margin(self) -> int:

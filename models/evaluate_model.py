@@ -23,7 +23,8 @@ from numpy.typing import NDArray
 
 from models.datasets import read_labelled
 from models.evaluate import evaluate_dataset, radius_for_mpp
-from worker.postprocess import PostprocessOptions, segment_maps
+from models.families import HoverOptions
+from worker.postprocess import segment_maps
 
 __all__ = [
     "POSTPROCESS_KEYS",
@@ -39,7 +40,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-POSTPROCESS_KEYS = PostprocessOptions.KEYS
+POSTPROCESS_KEYS = HoverOptions.KEYS
 """Card post-processing options evaluation can override."""
 
 def _resize(image: NDArray, shape: tuple[int, int], interpolation: int) -> NDArray:
@@ -103,7 +104,7 @@ def nuclei_from_maps(
     """Post-processing of ``maps`` (made at ``mpp``) as a slide job does it: a label map at the
     image's size (nearest neighbour where the two grids differ) and each label's (type, class
     probability)."""
-    options = PostprocessOptions.from_mapping(postprocess)
+    options = HoverOptions.from_mapping(postprocess)
     found = segment_maps(maps.np_prob, maps.hv, maps.types, mpp=mpp, options=options)
     labels = found.labels.astype(np.int32)
     if labels.shape != maps.shape:

@@ -82,9 +82,9 @@ def _upsample_factor(text: str) -> int:
 def _postprocess_args(args: argparse.Namespace) -> dict[str, Any]:
     """The post-processing options given on the command line (``--np-threshold`` etc. are named
     after the card keys), None or empty where not given."""
-    from worker.postprocess import PostprocessOptions
+    from models.families import HoverOptions
 
-    return {key: getattr(args, key, None) for key in PostprocessOptions.KEYS}
+    return {key: getattr(args, key, None) for key in HoverOptions.KEYS}
 
 
 class UsageError(Exception):
@@ -221,14 +221,14 @@ def _read_metrics(path: str | None) -> dict[str, Any] | None:
 
 def _cmd_model_set_postprocess(args: argparse.Namespace) -> int:
     from models.card import read_card, replace_card
-    from worker.postprocess import PostprocessOptions
+    from models.families import HoverOptions
 
     source = _resolve_model(args.model)
     card = read_card(source)
     asked = {k: v for k, v in _postprocess_args(args).items() if v is not None}
     postprocess = {**card.postprocess, **asked}
     try:
-        PostprocessOptions.from_mapping(postprocess)
+        HoverOptions.from_mapping(postprocess)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     update: dict[str, Any] = {"postprocess": postprocess}
@@ -271,7 +271,7 @@ def _cmd_model_calibrate(args: argparse.Namespace) -> int:
 
     from models.calibration import Outcomes, class_outcomes, fit_calibration, reliability_table
     from models.card import read_card, replace_card
-    from worker.postprocess import PostprocessOptions
+    from models.families import HoverOptions
 
     source = _resolve_model(args.model)
     outcomes = Outcomes.concat([class_outcomes(source, data, split=args.split, only=args.only or ())
@@ -280,7 +280,7 @@ def _cmd_model_calibrate(args: argparse.Namespace) -> int:
         points = fit_calibration(outcomes.scores, outcomes.correct, bins=args.bins)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    options = PostprocessOptions(class_prob_calibration=points)
+    options = HoverOptions(class_prob_calibration=points)
     after = np.array([options.class_probability(s) for s in outcomes.scores])
     header = ["score", "nuclei", "mean probability", "share right"]
     for title, scores in (("before (raw vote share)", outcomes.scores), ("after calibration", after)):

@@ -30,9 +30,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -40,31 +37,12 @@ from scipy import ndimage
 
 from worker.postprocess import HoverInstances, measure_nuclei
 
-__all__ = ["BoundaryOptions", "boundary_instances", "boundary_sizes"]
+__all__ = ["boundary_instances", "boundary_sizes"]
 
 REFERENCE_MPP = 0.25
 _MIN_SIZE = 22  # official remove_small_obj_n_holes(min_area=22) on 40× PanNuke patches
 _EIGHT = np.ones((3, 3), dtype=bool)
 _FOUR = ndimage.generate_binary_structure(2, 1)
-
-
-@dataclass(frozen=True, slots=True)
-class BoundaryOptions:
-    """The post-processing a ``boundary`` model asks for (its card's ``postprocess``)."""
-
-    fg_threshold: float = 0.5
-    boundary_threshold: float = 0.5
-
-    KEYS: ClassVar[tuple[str, ...]] = ("fg_threshold", "boundary_threshold")
-
-    def __post_init__(self) -> None:
-        for name in self.KEYS:
-            _check_threshold(name, getattr(self, name))
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> BoundaryOptions:
-        """Options from a card's ``postprocess`` (other keys ignored; missing ones default)."""
-        return cls(**{k: values[k] for k in cls.KEYS if k in values})
 
 
 def _check_threshold(name: str, value: object) -> float:

@@ -127,15 +127,8 @@ def load_model(
         )
     try:
         card = ModelCard.from_json(meta[CARD_METADATA_KEY])
-    except ModelCardError as exc:
-        raise InferenceError(str(exc)) from exc
-    from worker.postprocess import PostprocessOptions
-
-    try:
-        # Checked here so a bad card fails at load, not in the middle of a slide.
-        PostprocessOptions.from_mapping(card.postprocess)
-    except ValueError as exc:
-        raise InferenceError(f"{path}: bad post-processing options in its card: {exc}") from exc
+    except ModelCardError as exc:  # its post-processing options included: a bad card fails here
+        raise InferenceError(f"{path}: {exc}") from exc
     logger.info("loaded model %s (%s) with providers %s", card.name, path, session.get_providers())
     return Model(session, card, path, batch_size=batch_size)
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from models.families import MAX_UPSAMPLE
+
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_EXPANSION_UM",
@@ -63,9 +65,6 @@ DEFAULT_EXPANSION_UM = 5.0
 
 MAX_EXPANSION_UM = 20.0
 """Largest cell expansion: the default halo (24 µm) must still hold a nucleus plus its cell."""
-
-MAX_UPSAMPLE = 4
-"""Largest factor by which a card may ask its maps to be upsampled before segmentation."""
 
 MAX_COORDINATE = 2**31 - 1
 """Largest roi coordinate or size, level-0 px (far beyond any slide; keeps arithmetic in int64)."""

@@ -33,7 +33,7 @@ from worker.read import ModelGrid, model_grid, read_model_box
 from worker.stain import StainVectors
 
 if TYPE_CHECKING:
-    from worker.postprocess import PostprocessOptions
+    from models.families import HoverOptions
     from worker.slide import Overview, Slide
 
 __all__ = [
@@ -219,7 +219,7 @@ def read_region(plan: SlidePlan, region: Region) -> tuple[NDArray[np.uint8], flo
 
 
 def postprocess_region(
-    maps: RegionMaps, region: Region, plan: SlidePlan, postprocess: PostprocessOptions,
+    maps: RegionMaps, region: Region, plan: SlidePlan, postprocess: HoverOptions,
     rgb: NDArray[np.uint8] | None = None,
 ) -> tuple[NucleusTable, float]:
     """Instances of one region's maps, reduced to those the region reports, with their QuPath
@@ -258,11 +258,11 @@ def _measure(table: NucleusTable, label_map: NDArray[np.int32], labels: NDArray[
     )
 
 
-def _postprocess_options(card: ModelCard, plan: SlidePlan | None = None) -> PostprocessOptions:
+def _postprocess_options(card: ModelCard, plan: SlidePlan | None = None) -> HoverOptions:
     """The card's post-processing, with the job's class-probability floor when it sets one."""
-    from worker.postprocess import PostprocessOptions
+    from models.families import HoverOptions
 
-    options = PostprocessOptions.from_mapping(card.postprocess)
+    options = HoverOptions.from_mapping(card.postprocess)
     if plan is not None and plan.min_class_prob is not None:
         options = dataclasses.replace(options, min_class_prob=plan.min_class_prob)
     return options
@@ -321,7 +321,7 @@ def _maps_pixels(image: NDArray[np.uint8], margin: int) -> NDArray[np.uint8]:
 
 
 def postprocess_shared(
-    name: str, box: Box, typed: bool, region: Region, plan: SlidePlan, postprocess: PostprocessOptions
+    name: str, box: Box, typed: bool, region: Region, plan: SlidePlan, postprocess: HoverOptions
 ) -> tuple[NucleusTable, float]:
     """:func:`postprocess_region` on maps living in the shared-memory block ``name``."""
     from multiprocessing import shared_memory

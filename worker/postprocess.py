@@ -34,7 +34,7 @@ Constants scale with resolution. With ``s = 0.25 / mpp`` (so ``s = 1`` at 40×, 
 At ``mpp = 0.25`` these are the official 21, 10 and 5; at 0.5 µm/px they are 11, 3 and 3.
 
 :func:`segment_maps` is what the pipeline and ``model evaluate`` call: the card's
-:class:`PostprocessOptions` may ask for the maps to be upsampled (bilinear, by an integer factor)
+:class:`HoverOptions` may ask for the maps to be upsampled (bilinear, by an integer factor)
 before :func:`hover_instances`. A model working at 0.5 µm/px then traces outlines on a 0.25 µm/px
 grid: the watershed boundaries fall between coarse pixels instead of on them, which measured +0.018
 PQ on held-out CoNSeP for the 20× default model (docs/model-card.md).
@@ -43,29 +43,26 @@ PQ on held-out CoNSeP for the 20× default model (docs/model-card.md).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
 import numbers
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from models.families import MAX_UPSAMPLE, HoverOptions
 from worker.contours import pixel_edge_ring
 from worker.nuclei import Nucleus
-from worker.options import MAX_UPSAMPLE
 from worker.watershed import instance_labels
 
 __all__ = [
     "MAX_UPSAMPLE",
     "HoverInstances",
+    "HoverOptions",
     "PostprocessConstants",
-    "PostprocessOptions",
     "apply_class_options",
     "hover_instances",
     "measure_nuclei",
@@ -117,85 +114,7 @@ class HoverInstances:
         return f"HoverInstances(shape={self.labels.shape}, n={len(self.nuclei)})"
 
 
-@dataclass(frozen=True, slots=True)
-class PostprocessOptions:
-    """The post-processing a model asks for (its card's ``postprocess``), checked once.
-
-    Attributes
-    ----------
-    np_threshold : float
-        Foreground threshold on the nucleus probability.
-    marker_threshold : float
-        Edge strength from which pixels are excluded from the markers (official 0.4).
-    upsample : int
-        Factor (1..4) by which the maps are upsampled, bilinearly, before segmentation; 1 keeps
-        the model's grid.
-    class_prob_calibration : tuple of (float, float)
-        Points ``(vote, probability)`` of a non-decreasing map from a nucleus's raw class score
-        (the share of its pixels voting for its class) to the probability that the class is
-        right, measured on validation data (linear between points); empty keeps the raw share.
-    min_class_prob : float
-        Nuclei whose (calibrated) class probability is below this are reported unclassified
-        (class 0); 0 classifies every nucleus.
-    """
-
-    np_threshold: float = 0.5
-    marker_threshold: float = 0.4
-    upsample: int = 1
-    class_prob_calibration: tuple[tuple[float, float], ...] = ()
-    min_class_prob: float = 0.0
-
-    KEYS: ClassVar[tuple[str, ...]] = ("np_threshold", "marker_threshold", "upsample",
-                                       "class_prob_calibration", "min_class_prob")
-
-    def __post_init__(self) -> None:
-        for name in ("np_threshold", "marker_threshold"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not _finite_number(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if (isinstance(self.upsample, bool) or not isinstance(self.upsample, int | np.integer)
-                or not 1 <= self.upsample <= MAX_UPSAMPLE):
-            raise ValueError(f"upsample must be an integer in 1..{MAX_UPSAMPLE}, got {self.upsample!r}")
-        if isinstance(self.min_class_prob, bool) or not _finite_number(self.min_class_prob) \
-                or not 0 <= self.min_class_prob <= 1:
-            raise ValueError(f"min_class_prob must be within 0..1, got {self.min_class_prob!r}")
-        _check_calibration(self.class_prob_calibration)
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> PostprocessOptions:
-        """Options from a card's ``postprocess`` (other keys ignored; missing ones default)."""
-        found = {k: values[k] for k in cls.KEYS if k in values}
-        if "class_prob_calibration" in found:
-            try:
-                found["class_prob_calibration"] = tuple(
-                    (float(x), float(y)) for x, y in found["class_prob_calibration"])
-            except (TypeError, ValueError) as exc:
-                raise ValueError("class_prob_calibration must be a list of [vote, probability] pairs") \
-                    from exc
-        return cls(**found)
-
-    def class_probability(self, vote: float) -> float:
-        """The calibrated class probability of a nucleus whose class got ``vote`` of its pixels."""
-        if not self.class_prob_calibration:
-            return float(vote)
-        xs, ys = zip(*self.class_prob_calibration, strict=True)
-        return float(np.interp(vote, xs, ys))
-
-
-def _check_calibration(points: tuple[tuple[float, float], ...]) -> None:
-    if not points:
-        return
-    xs = [x for x, _ in points]
-    ys = [y for _, y in points]
-    rising = all(b > a for a, b in itertools.pairwise(xs))
-    monotone = all(b >= a for a, b in itertools.pairwise(ys))
-    if len(points) < 2 or not all(math.isfinite(v) and 0 <= v <= 1 for v in xs + ys) \
-            or not rising or not monotone:
-        raise ValueError("class_prob_calibration wants >= 2 points (vote, probability) within 0..1, "
-                         "votes increasing and probabilities non-decreasing")
-
-
-def apply_class_options(result: HoverInstances, options: PostprocessOptions) -> HoverInstances:
+def apply_class_options(result: HoverInstances, options: HoverOptions) -> HoverInstances:
     """Calibrate each typed nucleus's class probability and leave the unsure ones unclassified."""
     if not options.class_prob_calibration and options.min_class_prob == 0:
         return result
@@ -249,7 +168,7 @@ def segment_maps(
     types: NDArray | None,
     *,
     mpp: float,
-    options: PostprocessOptions,
+    options: HoverOptions,
 ) -> HoverInstances:
     """Nuclei of a model's maps (made at ``mpp`` µm/px) as its card asks: the maps upsampled by
     ``options.upsample``, then :func:`hover_instances` with constants for the finer grid.

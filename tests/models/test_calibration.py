@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from models.calibration import class_outcomes, fit_calibration, reliability_table
+from models.families import HoverOptions
 from tests._synthetic import build_oracle
 from tests.models.test_evaluate_points import _write_points
-from worker.postprocess import PostprocessOptions
 
 
 def test_a_calibrated_model_has_a_small_gap_and_an_overconfident_one_a_large_gap() -> None:
@@ -41,7 +41,7 @@ def test_the_fitted_map_is_monotone_and_follows_the_true_curve() -> None:
     assert all(b >= a for a, b in itertools.pairwise(ys))
     for x, y in points:
         assert y == pytest.approx(x ** 2, abs=0.04)
-    options = PostprocessOptions(class_prob_calibration=points)  # a valid card option
+    options = HoverOptions(class_prob_calibration=points)  # a valid card option
     after = np.array([options.class_probability(s) for s in scores])
     assert reliability_table(after, correct)["ece"] < reliability_table(scores, correct)["ece"] / 3
     with pytest.raises(ValueError, match="at least"):

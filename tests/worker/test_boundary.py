@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.boundary import BoundaryOptions, boundary_instances, boundary_sizes
+from models.families import BoundaryOptions
+from worker.boundary import boundary_instances, boundary_sizes
 from worker.postprocess import HoverInstances
 
 

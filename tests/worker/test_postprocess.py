@@ -23,12 +23,12 @@ from scipy import ndimage
 from skimage.measure import regionprops
 from skimage.segmentation import watershed
 
+from models.families import HoverOptions
 from tests.worker._official_reference import reference_instances, target_maps
 from worker.nuclei import Nucleus
 from worker.postprocess import (
     HoverInstances,
     PostprocessConstants,
-    PostprocessOptions,
     hover_instances,
     measure_nuclei,
     scaled_constants,
@@ -281,8 +281,8 @@ def test_upsampled_maps_trace_outlines_finer_than_the_model_grid() -> None:
     coarse_types = type_map[::2, ::2].astype(np.uint8)
 
     fine = segment_maps(coarse_prob, coarse_hv, coarse_types, mpp=0.5,
-                        options=PostprocessOptions(upsample=2))
-    coarse = segment_maps(coarse_prob, coarse_hv, coarse_types, mpp=0.5, options=PostprocessOptions())
+                        options=HoverOptions(upsample=2))
+    coarse = segment_maps(coarse_prob, coarse_hv, coarse_types, mpp=0.5, options=HoverOptions())
 
     assert fine.labels.shape == inst.shape
     assert coarse.labels.shape == (half[1], half[0])
@@ -315,12 +315,12 @@ def test_upsampling_keeps_pixel_centres_in_place() -> None:
 
 def test_postprocess_options_come_from_a_card_and_reject_bad_values() -> None:
     card = {"np_threshold": 0.45, "marker_threshold": 0.5, "upsample": 2, "other": "ignored"}
-    assert PostprocessOptions.from_mapping(card) == PostprocessOptions(0.45, 0.5, 2)
-    assert PostprocessOptions.from_mapping({}) == PostprocessOptions(0.5, 0.4, 1)
+    assert HoverOptions.from_mapping(card) == HoverOptions(0.45, 0.5, 2)
+    assert HoverOptions.from_mapping({}) == HoverOptions(0.5, 0.4, 1)
     for bad in ({"upsample": 0}, {"upsample": 5}, {"upsample": 1.5}, {"upsample": True},
                 {"np_threshold": float("nan")}, {"marker_threshold": "0.4"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
-            PostprocessOptions.from_mapping(bad)
+            HoverOptions.from_mapping(bad)
 
 
 def test_scaled_constants_are_official_at_40x_and_shrink_with_resolution() -> None:
@@ -599,7 +599,7 @@ def test_labels_are_identical_to_the_baseline_on_generated_maps(tmp_path: Path) 
                   maps.types[::2, ::2])
         for (np_prob, hv, types), mpp, factor in (((maps.np_prob, maps.hv, maps.types), 0.25, 1),
                                                   (coarse, 0.5, 2), (coarse, 0.5, 1)):
-            ours = segment_maps(np_prob, hv, types, mpp=mpp, options=PostprocessOptions(upsample=factor))
+            ours = segment_maps(np_prob, hv, types, mpp=mpp, options=HoverOptions(upsample=factor))
             theirs = baseline.segment_maps(np_prob, hv, types, mpp=mpp,
                                            options=baseline.PostprocessOptions(upsample=factor))
             assert len(ours) > 50
@@ -619,7 +619,7 @@ def test_labels_are_identical_to_the_baseline_on_real_model_maps(tmp_path: Path)
     np_prob, hv, types = (np.load(folder / f"{name}.npy") for name in ("np_prob", "hv", "types"))
     mpp = json.loads((folder / "meta.json").read_text())["mpp"]
     for factor in (1, 2):
-        ours = segment_maps(np_prob, hv, types, mpp=mpp, options=PostprocessOptions(upsample=factor))
+        ours = segment_maps(np_prob, hv, types, mpp=mpp, options=HoverOptions(upsample=factor))
         theirs = baseline.segment_maps(np_prob, hv, types, mpp=mpp,
                                        options=baseline.PostprocessOptions(upsample=factor))
         assert len(ours) > 20
@@ -642,7 +642,7 @@ def test_written_out_flood_is_scikit_images_when_markers_do_not_tie() -> None:
 
 def test_class_calibration_and_floor_are_checked_card_options() -> None:
     card = {"class_prob_calibration": [[0.2, 0.1], [1.0, 0.9]], "min_class_prob": 0.5}
-    options = PostprocessOptions.from_mapping(card)
+    options = HoverOptions.from_mapping(card)
     assert options.class_prob_calibration == ((0.2, 0.1), (1.0, 0.9))
     assert options.class_probability(0.6) == pytest.approx(0.5)
     assert options.class_probability(0.0) == pytest.approx(0.1)  # flat beyond the ends
@@ -652,7 +652,7 @@ def test_class_calibration_and_floor_are_checked_card_options() -> None:
                 {"class_prob_calibration": [[0.2, 0.6], [0.4, 0.5]]},
                 {"class_prob_calibration": "steep"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
-            PostprocessOptions.from_mapping(bad)
+            HoverOptions.from_mapping(bad)
 
 
 def test_nuclei_below_the_class_floor_are_left_unclassified(drawn: tuple) -> None:
@@ -661,16 +661,16 @@ def test_nuclei_below_the_class_floor_are_left_unclassified(drawn: tuple) -> Non
     noisy = type_map.copy()
     flip = (inst > 0) & (rng.random(inst.shape) < 0.4)
     noisy[flip] = rng.integers(1, 5, int(flip.sum()))
-    plain = segment_maps(np_prob, hv, noisy, mpp=0.25, options=PostprocessOptions())
+    plain = segment_maps(np_prob, hv, noisy, mpp=0.25, options=HoverOptions())
     floor = 0.75
-    floored = segment_maps(np_prob, hv, noisy, mpp=0.25, options=PostprocessOptions(min_class_prob=floor))
+    floored = segment_maps(np_prob, hv, noisy, mpp=0.25, options=HoverOptions(min_class_prob=floor))
     np.testing.assert_array_equal(plain.labels, floored.labels)  # outlines never change
     unsure = [a.type_prob < floor for a in plain.nuclei]
     assert 0 < sum(unsure) < len(unsure)
     for before, after, low in zip(plain.nuclei, floored.nuclei, unsure, strict=True):
         assert after.type == (0 if low else before.type)
         assert after.type_prob == before.type_prob
-    calibrated = segment_maps(np_prob, hv, noisy, mpp=0.25, options=PostprocessOptions(
+    calibrated = segment_maps(np_prob, hv, noisy, mpp=0.25, options=HoverOptions(
         class_prob_calibration=((0.0, 0.0), (1.0, 0.5))))
     assert [n.type for n in calibrated.nuclei] == [n.type for n in plain.nuclei]
     assert [n.type_prob for n in calibrated.nuclei] == pytest.approx([n.type_prob / 2 for n in plain.nuclei])

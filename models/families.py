@@ -1,0 +1,178 @@
+"""Model families: what each family's ONNX file outputs and which post-processing its card carries.
+
+A card names its ``family``; the family fixes the output contract of the graph (the names and
+shapes of its outputs) and the type of the card's ``postprocess`` options, checked once when the
+card is loaded (:attr:`models.card.ModelCard.options`). How a family's maps become nuclei is the
+worker's business (``worker.families``); this module holds only the facts a model file and its
+card must agree on, so that training, export and evaluation can check them without the worker.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+__all__ = [
+    "FAMILIES",
+    "MAX_UPSAMPLE",
+    "BoundaryOptions",
+    "Family",
+    "FamilyContract",
+    "HoverOptions",
+    "contract",
+]
+
+Family = Literal["hover", "boundary", "instance"]
+
+MAX_UPSAMPLE = 4
+"""Largest ``upsample`` factor: 16x the map pixels already; more buys nothing at any model resolution."""
+
+
+def _finite_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+@dataclass(frozen=True, slots=True)
+class HoverOptions:
+    """The post-processing a ``hover`` model asks for (its card's ``postprocess``), checked once.
+
+    Attributes
+    ----------
+    np_threshold : float
+        Foreground threshold on the nucleus probability.
+    marker_threshold : float
+        Edge strength from which pixels are excluded from the markers (official 0.4).
+    upsample : int
+        Factor (1..4) by which the maps are upsampled, bilinearly, before segmentation; 1 keeps
+        the model's grid.
+    class_prob_calibration : tuple of (float, float)
+        Points ``(vote, probability)`` of a non-decreasing map from a nucleus's raw class score
+        (the share of its pixels voting for its class) to the probability that the class is
+        right, measured on validation data (linear between points); empty keeps the raw share.
+    min_class_prob : float
+        Nuclei whose (calibrated) class probability is below this are reported unclassified
+        (class 0); 0 classifies every nucleus.
+    """
+
+    np_threshold: float = 0.5
+    marker_threshold: float = 0.4
+    upsample: int = 1
+    class_prob_calibration: tuple[tuple[float, float], ...] = ()
+    min_class_prob: float = 0.0
+
+    KEYS: ClassVar[tuple[str, ...]] = ("np_threshold", "marker_threshold", "upsample",
+                                       "class_prob_calibration", "min_class_prob")
+
+    def __post_init__(self) -> None:
+        for name in ("np_threshold", "marker_threshold"):
+            value = getattr(self, name)
+            if not _finite_number(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if (isinstance(self.upsample, bool) or not isinstance(self.upsample, int | np.integer)
+                or not 1 <= self.upsample <= MAX_UPSAMPLE):
+            raise ValueError(f"upsample must be an integer in 1..{MAX_UPSAMPLE}, got {self.upsample!r}")
+        if not _finite_number(self.min_class_prob) or not 0 <= self.min_class_prob <= 1:
+            raise ValueError(f"min_class_prob must be within 0..1, got {self.min_class_prob!r}")
+        _check_calibration(self.class_prob_calibration)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> HoverOptions:
+        """Options from a card's ``postprocess`` (other keys ignored; missing ones default)."""
+        found = {k: values[k] for k in cls.KEYS if k in values}
+        if "class_prob_calibration" in found:
+            try:
+                found["class_prob_calibration"] = tuple(
+                    (float(x), float(y)) for x, y in found["class_prob_calibration"])
+            except (TypeError, ValueError) as exc:
+                raise ValueError("class_prob_calibration must be a list of [vote, probability] pairs") \
+                    from exc
+        return cls(**found)
+
+    @property
+    def grid_scale(self) -> int:
+        """How many times finer than the model's grid the nuclei are traced."""
+        return int(self.upsample)
+
+    def class_probability(self, vote: float) -> float:
+        """The calibrated class probability of a nucleus whose class got ``vote`` of its pixels."""
+        if not self.class_prob_calibration:
+            return float(vote)
+        xs, ys = zip(*self.class_prob_calibration, strict=True)
+        return float(np.interp(vote, xs, ys))
+
+
+def _check_calibration(points: tuple[tuple[float, float], ...]) -> None:
+    if not points:
+        return
+    xs = [x for x, _ in points]
+    ys = [y for _, y in points]
+    rising = all(b > a for a, b in itertools.pairwise(xs))
+    monotone = all(b >= a for a, b in itertools.pairwise(ys))
+    if len(points) < 2 or not all(math.isfinite(v) and 0 <= v <= 1 for v in xs + ys) \
+            or not rising or not monotone:
+        raise ValueError("class_prob_calibration wants >= 2 points (vote, probability) within 0..1, "
+                         "votes increasing and probabilities non-decreasing")
+
+
+def _check_threshold(name: str, value: object) -> float:
+    if not _finite_number(value) or not 0.0 < float(value) < 1.0:  # type: ignore[arg-type]
+        raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class BoundaryOptions:
+    """The post-processing a ``boundary`` model asks for (its card's ``postprocess``)."""
+
+    fg_threshold: float = 0.5
+    boundary_threshold: float = 0.5
+
+    KEYS: ClassVar[tuple[str, ...]] = ("fg_threshold", "boundary_threshold")
+
+    def __post_init__(self) -> None:
+        for name in self.KEYS:
+            _check_threshold(name, getattr(self, name))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> BoundaryOptions:
+        """Options from a card's ``postprocess`` (other keys ignored; missing ones default)."""
+        return cls(**{k: values[k] for k in cls.KEYS if k in values})
+
+    @property
+    def grid_scale(self) -> int:
+        return 1
+
+
+@dataclass(frozen=True)
+class FamilyContract:
+    """What a family's ONNX graph must output and what its card's ``postprocess`` holds.
+
+    ``outputs`` are required, ``optional_outputs`` may be absent (an untyped hover model has no
+    ``tp_prob``); ``options`` parses and checks the card's ``postprocess`` mapping.
+    """
+
+    name: Family
+    outputs: tuple[str, ...]
+    optional_outputs: tuple[str, ...]
+    options: type[HoverOptions] | type[BoundaryOptions]
+
+
+FAMILIES: dict[str, FamilyContract] = {
+    "hover": FamilyContract("hover", ("np_prob", "hv"), ("tp_prob",), HoverOptions),
+    "boundary": FamilyContract("boundary", ("sem_prob", "boundary_prob"), (), BoundaryOptions),
+}
+"""Every family a card may name today; ``instance`` (panoptic) joins when its model does."""
+
+
+def contract(family: str) -> FamilyContract:
+    """The contract of ``family``; ValueError naming the known ones otherwise."""
+    try:
+        return FAMILIES[family]
+    except KeyError:
+        raise ValueError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})") from None
