@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -23,13 +23,19 @@ ANONYMOUS = "anonymous"
 
 @dataclass
 class Services:
-    """Built once at start-up (see :func:`service.main.create_app`), shared by every request."""
+    """Built once per app (see :func:`service.main.create_app`), shared by every request.
+
+    Everything a request may use lives here: routers keep no module-level state, so two apps in
+    one process (tests) share nothing.
+    """
 
     settings: Settings
     store: Store
     catalog: Catalog
     queue: Any
     metrics: Metrics
+    caches: dict[str, Any] = field(default_factory=dict)
+    """Routers' caches of expensive objects, by name (the viewer's open slides and indexes)."""
 
 
 def key_digest(key: str) -> str:
@@ -57,6 +63,7 @@ def owner_of(authorization: str | None, digests: frozenset[str]) -> str:
 
 
 def get_services(request: Request) -> Services:
+    """The app's :class:`Services` (set by :func:`service.main.create_app`)."""
     return request.app.state.services
 
 

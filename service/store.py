@@ -6,7 +6,7 @@ Layout under the store's root (a local directory or ``s3://bucket/prefix``)::
     slide-refs/<sha256>/<owner digest>-<id>   empty: job <id> uses the slide (service.slides)
     jobs/<id>/job.json               the job record
     jobs/<id>/cancelled              marker: the job was cancelled (workers check it)
-    jobs/<id>/prepared.pkl           the planned slide (regions, thumbnail) for region tasks
+    jobs/<id>/plan.json, plan.npz    the planned slide (worker.plan_io's documented format)
     jobs/<id>/regions/<index>.npz    one region's nuclei (written atomically: retries are idempotent)
     jobs/<id>/done/<index>.<nuclei>  progress markers (one cheap listing gives regions and nuclei)
     jobs/<id>/results/...            the outputs served by the API
@@ -24,7 +24,6 @@ import hashlib
 import io
 import logging
 import os
-import pickle
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -37,7 +36,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from service.errors import JobNotFound
 from service.jobs import JobRecord, JobState, is_job_id
+from worker.job import SlidePlan
 from worker.nuclei import NucleusTable
+from worker.plan_io import dump_plan, load_plan
 
 __all__ = ["SLIDE_EXTENSIONS", "Progress", "Store", "load_table", "owner_digest", "save_table"]
 
@@ -284,12 +285,19 @@ class Store:
     def job_key(self, job_id: str, *parts: str) -> str:
         return self._job_key(job_id, *parts)
 
-    def write_prepared(self, job_id: str, prepared: Any) -> None:
-        self.write_bytes(self._job_key(job_id, "prepared.pkl"), pickle.dumps(prepared))
+    def has_plan(self, job_id: str) -> bool:
+        # The JSON is written last: with it present, the arrays are complete.
+        return self.exists(self._job_key(job_id, "plan.json"))
 
-    def read_prepared(self, job_id: str) -> Any:
-        # The pickle is written by our own prepare task into the job's own folder.
-        return pickle.loads(self.read_bytes(self._job_key(job_id, "prepared.pkl")))
+    def write_plan(self, job_id: str, plan: SlidePlan) -> None:
+        """Store the job's plan (:mod:`worker.plan_io`: JSON plus arrays, never a pickle)."""
+        plan_json, plan_npz = dump_plan(plan)
+        self.write_bytes(self._job_key(job_id, "plan.npz"), plan_npz)
+        self.write_bytes(self._job_key(job_id, "plan.json"), plan_json)
+
+    def read_plan(self, job_id: str) -> SlidePlan:
+        return load_plan(self.read_bytes(self._job_key(job_id, "plan.json")),
+                         self.read_bytes(self._job_key(job_id, "plan.npz")))
 
     def has_region(self, job_id: str, index: int) -> bool:
         return self.exists(self._job_key(job_id, "regions", f"{index:06d}.npz"))
@@ -317,7 +325,7 @@ class Store:
 
     def delete_job_data(self, job_id: str) -> None:
         """Remove a job's regions, plan and results (the record stays)."""
-        for part in ("regions", "done", "prepared.pkl", "results"):
+        for part in ("regions", "done", "plan.json", "plan.npz", "results"):
             self.delete(self._job_key(job_id, part))
 
     def delete_job(self, record: JobRecord) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,37 +46,47 @@ def select_providers(device: Device, available: Sequence[str]) -> list[str]:
 class RegionMaps:
     """Stitched network outputs over a region's ``maps`` box (model pixels).
 
-    ``types`` is the per-pixel argmax class (uint8) or None for an untyped model.
+    ``arrays`` holds one array per map of the model's family (:class:`worker.families.MapSpec`),
+    e.g. ``np_prob``, ``hv`` and, for a typed model, the per-pixel argmax class ``types``.
     """
 
     box: Box
-    np_prob: NDArray[np.float32]
-    hv: NDArray[np.float32]
-    types: NDArray[np.uint8] | None
+    arrays: Mapping[str, NDArray]
+
+    def __getitem__(self, name: str) -> NDArray:
+        return self.arrays[name]
+
+    def get(self, name: str) -> NDArray | None:
+        return self.arrays.get(name)
 
 
 class Model:
-    """A loaded model file: its card and an ONNX Runtime session."""
+    """A loaded model file: its card, an ONNX Runtime session and its family's runner."""
 
     def __init__(self, session, card: ModelCard, path: Path, *, batch_size: int) -> None:
+        from worker.families import runner_for
+
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.session = session
         self.card = card
         self.path = path
         self.batch_size = batch_size
-        self.outputs = [o.name for o in session.get_outputs()]
-        missing = {"np_prob", "hv"} - set(self.outputs)
-        if missing:
-            raise InferenceError(f"model {path} lacks outputs {sorted(missing)}; has {self.outputs}")
-        self.typed = "tp_prob" in self.outputs
+        available = [o.name for o in session.get_outputs()]
+        try:
+            self.runner = runner_for(card)
+            self.outputs = self.runner.network_outputs(card, available)
+        except ValueError as exc:
+            raise InferenceError(f"model {path}: {exc}") from exc
+        self.map_specs = self.runner.map_specs(card, self.outputs)
+        self.typed = card.typed if card.family != "hover" else "tp_prob" in self.outputs
 
     def __repr__(self) -> str:
         return f"Model({self.card.name!r}, providers={self.session.get_providers()})"
 
     def predict(self, patches: NDArray[np.float32]) -> dict[str, NDArray[np.float32]]:
         """Run (N, 3, H, W) float32 RGB 0–255 patches in batches; returns contract outputs."""
-        wanted = ["np_prob", "hv", *(["tp_prob"] if self.typed else [])]
+        wanted = list(self.outputs)
         chunks: dict[str, list[NDArray[np.float32]]] = {k: [] for k in wanted}
         for start in range(0, len(patches), self.batch_size):
             batch = np.ascontiguousarray(patches[start : start + self.batch_size])
@@ -87,6 +97,11 @@ class Model:
             for key, value in zip(wanted, results, strict=True):
                 chunks[key].append(value)
         return {k: np.concatenate(v) for k, v in chunks.items()}
+
+    def empty_maps(self, box: Box) -> RegionMaps:
+        """Zero-filled maps of this model's family over ``box``."""
+        return RegionMaps(box, {spec.name: np.zeros(spec.shape(box.height, box.width), spec.dtype)
+                                for spec in self.map_specs})
 
 
 def load_model(
@@ -154,16 +169,11 @@ def predict_maps(
         raise ValueError(f"image box {image_box} must be maps box {maps_box} grown by {margin}")
     if image.shape[:2] != (image_box.height, image_box.width):
         raise ValueError(f"image shape {image.shape} does not match its box {image_box}")
-    h, w = maps_box.height, maps_box.width
     if out is None:
-        np_prob = np.zeros((h, w), np.float32)
-        hv = np.zeros((2, h, w), np.float32)
-        types = np.zeros((h, w), np.uint8) if model.typed else None
-    else:
+        out = model.empty_maps(maps_box)
+    elif out.box != maps_box or set(out.arrays) != {spec.name for spec in model.map_specs}:
         # Caller-provided (e.g. shared-memory) buffers, zero-filled, shaped like the maps box.
-        if out.box != maps_box or (out.types is None) == model.typed:
-            raise ValueError(f"out maps for {out.box} do not fit {maps_box} / this model")
-        np_prob, hv, types = out.np_prob, out.hv, out.types
+        raise ValueError(f"out maps for {out.box} do not fit {maps_box} / this model")
     tiles = [t for t in tile_boxes(maps_box, tile=size) if tile_wanted is None or tile_wanted(t)]
     chunk = max(1, model.batch_size) * 2  # bounds the float32 patch stack, whatever the region
     for start in range(0, len(tiles), chunk):
@@ -176,8 +186,6 @@ def predict_maps(
         result = model.predict(patches)
         for i, t in enumerate(group):
             r, c = t.row0 - maps_box.row0, t.col0 - maps_box.col0
-            np_prob[r : r + size, c : c + size] = result["np_prob"][i, 0]
-            hv[:, r : r + size, c : c + size] = result["hv"][i]
-            if types is not None:
-                types[r : r + size, c : c + size] = result["tp_prob"][i].argmax(axis=0)
-    return RegionMaps(maps_box, np_prob, hv, types)
+            for name, tile in model.runner.tile_maps(result, i).items():
+                out.arrays[name][..., r : r + size, c : c + size] = tile
+    return out

@@ -79,7 +79,8 @@ def check_mpp(value: float) -> float:
     """``value`` if it is a plausible resolution, else ValueError naming the range."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         spelled = ("NaN" if isinstance(value, float) and math.isnan(value)
-                   else "Infinity" if isinstance(value, float) and math.isinf(value) else repr(value))
+                   else ("Infinity" if value > 0 else "-Infinity")
+                   if isinstance(value, float) and math.isinf(value) else repr(value))
         raise ValueError(f"mpp must be a finite number of µm per pixel, got {spelled}")
     if not MIN_MPP <= value <= MAX_MPP:
         raise ValueError(f"mpp must be between {MIN_MPP} and {MAX_MPP} µm per pixel, got {value:g} "

@@ -39,7 +39,7 @@ TILE_FORMAT = "jpeg"
 """Format the descriptor announces (``png`` is served too)."""
 
 _TILE_CACHE = "private, max-age=86400, immutable"
-_CACHED = 8  # open slides and indexes kept per process
+_CACHED = 8  # open slides and indexes kept per app
 
 
 class _Cache:
@@ -74,8 +74,12 @@ class _Cache:
             return value
 
 
-_ZOOMS = _Cache(_CACHED)
-_INDEXES = _Cache(_CACHED)
+def _cache(services: Services, name: str) -> _Cache:
+    """The app's cache ``name`` (per app, not per process: two apps share no open slide)."""
+    cache = services.caches.get(name)
+    if cache is None:
+        cache = services.caches.setdefault(name, _Cache(_CACHED))  # atomic: one cache wins
+    return cache
 
 
 def _zoom(services: Services, record: JobRecord) -> DeepZoom:
@@ -91,7 +95,7 @@ def _zoom(services: Services, record: JobRecord) -> DeepZoom:
             raise SlideNotFound(f"job {record.id}'s slide is no longer readable: {type(exc).__name__}") \
                 from exc
 
-    return _ZOOMS.get(f"{slide.sha256}.{slide.ext}", make)
+    return _cache(services, "viewer.zooms").get(f"{slide.sha256}.{slide.ext}", make)
 
 
 def _index(services: Services, record: JobRecord) -> NucleusIndex:
@@ -111,7 +115,7 @@ def _index(services: Services, record: JobRecord) -> NucleusIndex:
             build_index_from_results(store.fs, root)
             return open_index(store.fs, root)
 
-    return _INDEXES.get(record.id, make)
+    return _cache(services, "viewer.indexes").get(record.id, make)
 
 
 @router.get(

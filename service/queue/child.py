@@ -45,7 +45,7 @@ def _init_child(settings: Settings) -> None:
     from service.catalog import Catalog
     from service.queue.tasks import TaskContext, set_context
     from service.store import Store
-    from worker.pipeline import exit_with_parent
+    from worker.regions import exit_with_parent
 
     exit_with_parent()  # an API killed outright must not leave its task process behind
     # Signals to the whole process group (Ctrl-C, a service manager's SIGTERM) are for the API:

@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import os
 import socket
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ from service.queue.retry import WorkerDied
 from service.settings import Settings
 from service.store import Store, load_table, save_table
 from worker.errors import SlideError, WorkerError
+from worker.job import SlidePlan
+from worker.options import InferenceOptions
 
 __all__ = [
     "TaskContext",
@@ -54,7 +55,7 @@ class TaskContext:
 
 
 _CONTEXT: TaskContext | None = None
-_PREPARED: dict[str, Any] = {}
+_PLANS: dict[str, SlidePlan] = {}
 _MODELS: dict[tuple[str, float], Any] = {}
 
 
@@ -62,7 +63,7 @@ def set_context(context: TaskContext) -> None:
     """Install the context tasks of this process use."""
     global _CONTEXT
     _CONTEXT = context
-    _PREPARED.clear()
+    _PLANS.clear()
 
 
 def get_context() -> TaskContext:
@@ -83,22 +84,19 @@ def _model(path: Path, ctx: TaskContext):
     return _MODELS[key]
 
 
-def _prepared(job_id: str, ctx: TaskContext):
-    """The job's planned slide, pointed at this worker's local copy of the slide."""
-    if job_id not in _PREPARED:
-        prepared = ctx.store.read_prepared(job_id)
+def _plan(job_id: str, ctx: TaskContext) -> SlidePlan:
+    """The job's stored plan, pointed at this worker's local copy of the slide (a new value:
+    the stored plan is never changed)."""
+    if job_id not in _PLANS:
         record = ctx.store.read_record(job_id)
         local = ctx.store.local_slide(record.slide.sha256, record.slide.ext)
-        prepared.plan = dataclasses.replace(prepared.plan, slide_path=local)
-        if len(_PREPARED) > 8:
-            _PREPARED.clear()
-        _PREPARED[job_id] = prepared
-    return _PREPARED[job_id]
+        if len(_PLANS) > 8:
+            _PLANS.clear()
+        _PLANS[job_id] = ctx.store.read_plan(job_id).at(local)
+    return _PLANS[job_id]
 
 
-def _options(record: JobRecord, model_path: Path, ctx: TaskContext):
-    from worker.pipeline import InferenceOptions
-
+def _options(record: JobRecord, model_path: Path, ctx: TaskContext) -> InferenceOptions:
     opts = record.options
     return InferenceOptions(
         model=model_path, mpp=opts.mpp, roi=opts.roi,
@@ -141,7 +139,7 @@ def cleanup_cancelled(job_id: str, ctx: TaskContext | None = None) -> bool:
     except ServiceError:
         return True  # deleted meanwhile: nothing left to clean
     ctx.store.delete_job_data(job_id)
-    _PREPARED.pop(job_id, None)
+    _PLANS.pop(job_id, None)
     logger.info("job %s: cancelled; its partial files were removed", job_id)
     return True
 
@@ -156,22 +154,19 @@ def prepare_job(job_id: str) -> list[int] | None:
     record = _active(job_id, ctx)
     if record is None:
         return None
-    if not ctx.store.exists(ctx.store.job_key(job_id, "prepared.pkl")):
-        from worker.pipeline import prepare_slide
+    if not ctx.store.has_plan(job_id):
+        from worker.stages import prepare
 
         _set_phase(job_id, "preparing", ctx)
         _, model_path = ctx.catalog.resolve(record.model)
         card = ctx.catalog.card(record.model)
         slide = ctx.store.local_slide(record.slide.sha256, record.slide.ext)
-        start = time.perf_counter()
-        prepared = prepare_slide(slide, card, _options(record, model_path, ctx))
-        prepared.slide_info["name"] = record.slide.name
-        prepared.slide_info["plan_seconds"] = time.perf_counter() - start
-        ctx.store.write_prepared(job_id, prepared)
+        ctx.store.write_plan(job_id, prepare(slide, card, _options(record, model_path, ctx),
+                                             name=record.slide.name))
         if cleanup_cancelled(job_id, ctx):
             return None
-    prepared = _prepared(job_id, ctx)
-    total = len(prepared.plan.regions)
+    plan = _plan(job_id, ctx)
+    total = len(plan.regions)
 
     def start_running(rec: JobRecord) -> None:
         if transition(rec, JobState.RUNNING):
@@ -180,12 +175,12 @@ def prepare_job(job_id: str) -> list[int] | None:
 
     ctx.store.update_record(job_id, start_running)
     logger.info("job %s: %d regions planned", job_id, total)
-    return [region.index for region in prepared.plan.regions]
+    return [region.index for region in plan.regions]
 
 
 def run_region(job_id: str, index: int) -> int:
     """Segment one region and store its nuclei; returns how many (idempotent)."""
-    from worker.pipeline import process_region
+    from worker.stages import process_region
 
     ctx = get_context()
     if ctx.store.has_region(job_id, index):
@@ -194,14 +189,11 @@ def run_region(job_id: str, index: int) -> int:
     record = _active(job_id, ctx)
     if record is None:
         return -1
-    prepared = _prepared(job_id, ctx)
-    regions = {r.index: r for r in prepared.plan.regions}
-    if index not in regions:
-        raise ValueError(f"job {job_id} has no region {index} (0..{len(regions) - 1})")
+    plan = _plan(job_id, ctx)
+    region = plan.region(index)
     _, model_path = ctx.catalog.resolve(record.model)
-    start = time.perf_counter()
-    table = process_region(prepared.plan, regions[index], _model(model_path, ctx))
-    seconds = time.perf_counter() - start
+    result = process_region(plan, region, _model(model_path, ctx))
+    table, seconds = result.table, result.seconds
     data = save_table(table, worker=ctx.worker_name, seconds=seconds)
     ctx.store.write_region(job_id, index, data, len(table))
     if cleanup_cancelled(job_id, ctx):
@@ -213,18 +205,19 @@ def run_region(job_id: str, index: int) -> int:
 
 def finalize_job(job_id: str) -> list[str]:
     """Merge every region's nuclei, write the outputs and mark the job succeeded."""
-    from worker.pipeline import class_counts, finalize
+    from worker.job import Timings
+    from worker.stages import finish
 
     ctx = get_context()
     record = _active(job_id, ctx)
     if record is None:
         return []
     _set_phase(job_id, "finalizing", ctx)
-    prepared = _prepared(job_id, ctx)
+    plan = _plan(job_id, ctx)
     tables = []
     workers: dict[str, str] = {}
     seconds = 0.0
-    for region in prepared.plan.regions:
+    for region in plan.regions:
         table, meta = load_table(ctx.store.read_region(job_id, region.index))
         tables.append(table)
         workers[str(region.index)] = str(meta.get("worker", "?"))
@@ -235,12 +228,11 @@ def finalize_job(job_id: str) -> list[str]:
         **_options(record, model_path, ctx).parameters(), "model": record.model,
         "job": job_id, "region_workers": workers, "workers": sorted(set(workers.values())),
     }
-    timings = {"plan": float(prepared.slide_info.pop("plan_seconds", 0.0)), "regions_cpu": seconds}
     root = ctx.store.results_root(job_id)
-    table, outputs = finalize(prepared, tables, fs=ctx.store.fs, root=root, card=card,
-                              parameters=parameters, timings=timings)
+    done = finish(plan, tables, fs=ctx.store.fs, root=root, card=card, parameters=parameters,
+                  timings=Timings(plan=plan.plan_seconds, regions_cpu=seconds))
     _index_nuclei(root, ctx)
-    names = sorted(name for name in outputs if name != "nuclei.zarr")
+    names = sorted(name for name in done.outputs if name != "nuclei.zarr")
 
     def succeed(rec: JobRecord) -> None:
         if transition(rec, JobState.SUCCEEDED):
@@ -250,8 +242,8 @@ def finalize_job(job_id: str) -> list[str]:
     ctx.store.update_record(job_id, succeed)
     if cleanup_cancelled(job_id, ctx):
         return []
-    logger.info("job %s: succeeded, %d nuclei %s", job_id, len(table), class_counts(table, card))
-    _PREPARED.pop(job_id, None)
+    logger.info("job %s: succeeded, %d nuclei %s", job_id, len(done.table), done.counts)
+    _PLANS.pop(job_id, None)
     return names
 
 

@@ -177,7 +177,7 @@ def test_cancel_stops_the_running_task_within_5_s_and_removes_partial_files(
     tasks = _task_processes(server)
     assert len(tasks) == 1
     folder = home / "store" / "jobs" / job["id"]
-    assert (folder / "prepared.pkl").is_file()
+    assert (folder / "plan.json").is_file() and (folder / "plan.npz").is_file()
 
     cancelled = client.delete(f"/v1/jobs/{job['id']}")
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"

@@ -93,7 +93,8 @@ def _record(ctx: tasks.TaskContext, state: JobState = JobState.RUNNING) -> JobRe
 
 
 def _partial_files(ctx: tasks.TaskContext, job_id: str) -> None:
-    ctx.store.write_prepared(job_id, {"plan": "stand-in"})
+    ctx.store.write_bytes(ctx.store.job_key(job_id, "plan.json"), b"{}")
+    ctx.store.write_bytes(ctx.store.job_key(job_id, "plan.npz"), b"stand-in")
     ctx.store.write_region(job_id, 0, b"npz", 7)
 
 

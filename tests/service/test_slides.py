@@ -33,7 +33,7 @@ def _job(store: Store, registry: SlideRegistry, owner: str, sha: str = SHA,
     store.create_record(record)
     registry.add_ref(sha, owner, record.id)
     store.write_bytes(store.result_key(record.id, "counts.json"), b"{}")
-    store.write_bytes(store.job_key(record.id, "prepared.pkl"), b"x" * 1000)
+    store.write_bytes(store.job_key(record.id, "plan.npz"), b"x" * 1000)
     return record
 
 

@@ -14,9 +14,10 @@ from numpy.typing import NDArray
 from tests._synthetic import oracle_card
 from tests.worker._huge_tiff import write_repeated_tile_tiff
 from worker.errors import SlideTooLarge
-from worker.pipeline import InferenceOptions, prepare_slide
+from worker.options import InferenceOptions
 from worker.slide import Slide, check_planning_budget, open_slide, planning_overviews
 from worker.slide.overview import roi_box
+from worker.stages import prepare
 
 SLIDES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "slides"
 CMU = SLIDES / "CMU-1-Small-Region.svs"
@@ -133,37 +134,35 @@ def test_a_huge_single_level_slide_is_planned_from_its_roi_in_moments(tmp_path: 
     start = time.monotonic()
     tracemalloc.start()
     try:
-        prepared = prepare_slide(path, oracle_card(), options)
+        plan = prepare(path, oracle_card(), options)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert time.monotonic() - start < 30  # an unbounded read takes many minutes
     assert peak < 100 * 2**20  # the 2048² overview and the roi; the slide would be 30 GB
-    plan = prepared.plan
-    assert plan.tissue_origin == (40_000, 50_000)
-    assert plan.tissue_mask is not None and plan.tissue_mask.shape == (300, 300)
-    assert plan.tissue_mask.any()
+    assert plan.tissue is not None and plan.tissue.origin == (40_000, 50_000)
+    assert plan.tissue.mask.shape == (300, 300)
+    assert plan.tissue.mask.any()
     assert len(plan.regions) >= 1
-    assert prepared.thumbnail.shape == (2048, 2048, 3)
-    assert (prepared.thumbnail == 255).mean() > 0.99  # white but for the roi's few pixels
-    assert 0 < prepared.tissue_area_mm2 <= (300 * 0.5 / 1000) ** 2
+    assert plan.thumbnail.shape == (2048, 2048, 3)
+    assert (plan.thumbnail == 255).mean() > 0.99  # white but for the roi's few pixels
+    assert 0 < plan.tissue_area_mm2 <= (300 * 0.5 / 1000) ** 2
 
 
 def test_a_huge_single_level_slide_without_an_roi_is_refused(tmp_path: Path) -> None:
     path = _huge_slide(tmp_path)
     start = time.monotonic()
     with pytest.raises(SlideTooLarge, match="roi"):
-        prepare_slide(path, oracle_card(), InferenceOptions(model=Path("unused.onnx")))
+        prepare(path, oracle_card(), InferenceOptions(model=Path("unused.onnx")))
     assert time.monotonic() - start < 30
 
 
 def test_a_normal_slide_is_planned_from_its_whole_thumbnail_as_before() -> None:
     options = InferenceOptions(model=Path("unused.onnx"), roi=(200, 300, 1000, 1000))
-    prepared = prepare_slide(CMU, oracle_card(), options)
+    plan = prepare(CMU, oracle_card(), options)
     with open_slide(CMU) as slide:
         thumbnail, downsample = slide.thumbnail(max_side=2048)
-    np.testing.assert_array_equal(prepared.thumbnail, thumbnail)
-    assert prepared.thumbnail_downsample == downsample
-    assert prepared.plan.tissue_origin == (0, 0)
-    assert prepared.plan.tissue_mask is not None
-    assert prepared.plan.tissue_mask.shape == thumbnail.shape[:2]
+    np.testing.assert_array_equal(plan.thumbnail, thumbnail)
+    assert plan.thumbnail_downsample == downsample
+    assert plan.tissue is not None and plan.tissue.origin == (0, 0)
+    assert plan.tissue.mask.shape == thumbnail.shape[:2]

@@ -8,6 +8,7 @@ The re-export of large tables and a real run's consistency are in ``test_export_
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -29,6 +30,7 @@ import zarr
 from zarr.storage import ZipStore
 
 from models.card import ClassInfo, ModelCard
+from worker.job import SlideIdentity
 from worker.nuclei import NucleusTable
 from worker.writers import (
     UNCLASSIFIED,
@@ -670,12 +672,12 @@ def test_manifest_sections_are_strict_json(tmp_path: Path, local) -> None:
 def run_write_all(table: NucleusTable, fs: fsspec.AbstractFileSystem, root: str,
                   **options: Any) -> dict[str, str]:
     thumbnail = np.full((250, 500, 3), 240, np.uint8)
-    slide_info = {"name": "slide.svs", "format": "aperio", "shape": list(SLIDE_SHAPE), "mpp": MPP,
-                  "sha256": "ab" * 32}
+    slide = SlideIdentity(name="slide.svs", format="aperio", shape=SLIDE_SHAPE, mpp=MPP, levels=1,
+                          sha256=SEED)
     parameters = options.pop("parameters", {"batch_size": 8})
-    return write_all(table, fs=fs, root=root, card=CARD, slide_info=slide_info,
+    return write_all(table, fs=fs, root=root, card=CARD, slide=slide,
                      thumbnail=thumbnail, thumbnail_downsample=4.0, tissue_area_mm2=0.5,
-                     parameters=parameters, timings={"infer": 1.5}, seed=SEED, **options)
+                     parameters=parameters, timings={"infer": 1.5}, **options)
 
 
 def test_write_all_writes_every_output(table: NucleusTable, tmp_path: Path, local) -> None:
@@ -687,7 +689,7 @@ def test_write_all_writes_every_output(table: NucleusTable, tmp_path: Path, loca
     assert_qupath_accepts(outputs["nuclei.geojson.gz"])
     manifest = json.loads(Path(outputs["manifest.json"]).read_text())
     assert manifest["model"]["classes"][1]["name"] == "Tumour"
-    assert manifest["slide"]["sha256"] == "ab" * 32 and manifest["parameters"]["batch_size"] == 8
+    assert manifest["slide"]["sha256"] == SEED and manifest["parameters"]["batch_size"] == 8
     assert manifest["timings"]["infer"] == 1.5 and "write_geojson" in manifest["timings"]
     assert manifest["nuclei"]["total"] == 7 and manifest["nuclei"]["geojson"] == {
         "written": 6, "repaired": 2, "dropped": 1, "file": "nuclei.geojson.gz", "entries": 1}
@@ -730,8 +732,16 @@ def test_write_all_to_a_memory_filesystem_in_several_entries(table: NucleusTable
     assert json.loads(fs.cat(outputs["manifest.json"]))["nuclei"]["total"] == 7
 
 
-def test_write_all_needs_the_slide_geometry(table: NucleusTable, tmp_path: Path, local) -> None:
-    with pytest.raises(ValueError, match="mpp"):
-        write_all(table, fs=local, root=str(tmp_path), card=CARD, slide_info={"shape": [10, 10]},
-                  thumbnail=None, thumbnail_downsample=1.0, tissue_area_mm2=1.0, parameters={},
-                  timings={}, seed=SEED)
+def manifest_slide() -> SlideIdentity:
+    return SlideIdentity(name="slide.svs", format="aperio", shape=SLIDE_SHAPE, mpp=MPP, levels=1,
+                         sha256=SEED)
+
+
+def test_write_all_derives_the_run_key_from_the_slide_hash(table: NucleusTable, tmp_path: Path,
+                                                           local) -> None:
+    outputs = run_write_all(table, local, str(tmp_path), parameters={"roi": None})
+    manifest = json.loads(Path(outputs["manifest.json"]).read_text())
+    assert manifest["nuclei"]["slide_seed"] == SEED
+    assert manifest["nuclei"]["seed"] == run_key(SEED, CARD, {"roi": None})
+    nameless = dataclasses.replace(manifest_slide(), sha256=None)
+    assert nameless.seed == "slide.svs"  # a slide that is not one local file: its name

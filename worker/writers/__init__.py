@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models.card import ModelCard
+from worker.job import SlideIdentity
 from worker.nuclei import NucleusTable
 from worker.writers._common import (
     NUCLEUS_CLASS,
@@ -91,19 +92,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _slide_geometry(slide_info: Mapping[str, Any]) -> tuple[tuple[int, int], float]:
-    """(height, width) and level-0 µm/px from ``slide_info``."""
-    if "shape" in slide_info:
-        shape = tuple(int(v) for v in slide_info["shape"][:2])
-    elif "height" in slide_info and "width" in slide_info:
-        shape = (int(slide_info["height"]), int(slide_info["width"]))
-    else:
-        raise ValueError("slide_info needs 'shape' (height, width) or 'height' and 'width'")
-    if "mpp" not in slide_info:
-        raise ValueError("slide_info needs 'mpp' (µm per level-0 pixel)")
-    return (shape[0], shape[1]), float(slide_info["mpp"])
-
-
 def _size(fs: fsspec.AbstractFileSystem, path: str) -> int:
     return int(fs.du(path)) if fs.isdir(path) else int(fs.size(path))
 
@@ -114,13 +102,12 @@ def write_all(
     fs: fsspec.AbstractFileSystem,
     root: str,
     card: ModelCard,
-    slide_info: Mapping[str, Any],
+    slide: SlideIdentity,
     thumbnail: NDArray[np.uint8] | None,
     thumbnail_downsample: float,
     tissue_area_mm2: float,
     parameters: Mapping[str, Any],
     timings: Mapping[str, float],
-    seed: str,
     grid_um: float = GRID_UM,
     analysed_area_mm2: float | None = None,
     entry_bytes: int = ENTRY_BYTES,
@@ -137,10 +124,10 @@ def write_all(
         Directory inside ``fs``.
     card : ModelCard
         The model that produced the nuclei (classes, colours; copied into the manifest).
-    slide_info : mapping
-        Slide identity for the manifest; must hold ``shape`` (level-0 height, width) or
-        ``height``/``width``, and ``mpp`` (µm per level-0 pixel). Usually also ``name``,
-        ``format`` and ``sha256`` (see :func:`file_sha256`).
+    slide : SlideIdentity
+        The slide: its level-0 shape and µm per pixel place the outputs, its identity goes into
+        the manifest, and its hash (else its name) with the model and ``parameters`` into the
+        run key nucleus ids derive from (:func:`run_key`).
     thumbnail : (H, W, 3) uint8 ndarray or None
         RGB thumbnail for the overlay; None writes no overlay.
     thumbnail_downsample : float
@@ -152,9 +139,6 @@ def write_all(
         enter the run key the nucleus ids derive from.
     timings : mapping
         Stage timings so far, seconds; the writers' own are added in the manifest.
-    seed : str
-        Slide identity (e.g. the slide's SHA-256), combined with the model and ``parameters``
-        into the run key (:func:`run_key`).
     grid_um : float
         Count-grid cell side, µm.
     analysed_area_mm2 : float, optional
@@ -173,7 +157,7 @@ def write_all(
     """
     if not isinstance(card, ModelCard):
         raise TypeError(f"card must be a ModelCard, got {type(card).__name__}")
-    slide_shape, mpp = _slide_geometry(slide_info)
+    slide_shape, mpp, seed = slide.shape, slide.mpp, slide.seed
     classes = card.classes
     spent: dict[str, float] = {}
     start = time.perf_counter()
@@ -211,7 +195,7 @@ def write_all(
         model=card,
         parameters=dict(parameters),
         timings={**timings, **spent},
-        slide=dict(slide_info),
+        slide=slide.to_dict(),
         outputs=outputs,
         # "seed" is what nucleus_ids() takes: the run key, not the slide hash.
         nuclei={**counts, "geojson": geojson.stats, "seed": key, "slide_seed": seed},
