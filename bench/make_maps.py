@@ -304,15 +304,15 @@ def write_model_maps(
                                     (image_box.width, image_box.height))
     image = np.asarray(region.convert("RGB"), np.uint8)
     maps = predict_maps(net, image, image_box, maps_box)
-    if maps.types is None:
+    if maps.get("types") is None:
         raise ValueError(f"{path.name} is untyped; the benchmark needs a typed model")
     folder = Path(directory) / f"model_{Path(slide).stem}_{requested}"
     folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "np_prob.npy", maps.np_prob)
-    np.save(folder / "hv.npy", maps.hv)
-    np.save(folder / "types.npy", maps.types)
+    np.save(folder / "np_prob.npy", maps["np_prob"])
+    np.save(folder / "hv.npy", maps["hv"])
+    np.save(folder / "types.npy", maps["types"])
     meta = {"size": size, "mpp": net.card.mpp, "model": path.name, "slide": Path(slide).name,
-            "origin_xy": [x, y], "upsample": int(net.card.postprocess.get("upsample", 1)),
+            "origin_xy": [x, y], "upsample": net.card.options.grid_scale,
             "source": "model"}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return folder

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from models.label_files import LabelFile, class_names_for, load_label_file
 from models.metrics import (
     DetectionResult,
     InstanceTypes,
@@ -341,104 +341,8 @@ def _nan(value: float | None) -> float:
 # --------------------------------------------------------------------------- files
 
 
-@dataclass(frozen=True)
-class _LabelFile:
-    inst: NDArray[np.integer]  # (N, H, W)
-    type_map: NDArray[np.integer] | None  # (N, H, W)
-    mpp: float | None
-    names: list[str] | None
-    class_names: list[str] | None
-
-
-def _as_labels(arr: NDArray[Any], *, what: str) -> NDArray[np.integer]:
-    """Integer (N, H, W) label stack from a 2-D or 3-D array, or ValueError."""
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3:
-        raise ValueError(f"{what} must be (H, W) or (N, H, W), got shape {arr.shape}")
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
-            raise ValueError(f"{what} holds non-integer values (dtype {arr.dtype})")
-        arr = arr.astype(np.int64)
-    elif arr.dtype == np.bool_:
-        arr = arr.astype(np.int64)
-    elif not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{what} must hold integer labels, got dtype {arr.dtype}")
-    if arr.size and arr.min() < 0:
-        raise ValueError(f"{what} holds negative labels")
-    return arr
-
-
-def _load_npz(path: Path) -> _LabelFile:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{path}: cannot read as .npz ({exc})") from exc
-    if "inst" not in arrays:
-        raise ValueError(f"{path}: no 'inst' array (has {sorted(arrays)})")
-    inst = _as_labels(arrays["inst"], what=f"{path} 'inst'")
-    type_map = None
-    if "type_map" in arrays:
-        type_map = _as_labels(arrays["type_map"], what=f"{path} 'type_map'")
-        if type_map.shape != inst.shape:
-            raise ValueError(
-                f"{path}: 'type_map' shape {type_map.shape} differs from 'inst' {inst.shape}"
-            )
-    mpp = None
-    if "mpp" in arrays:
-        mpp = float(np.asarray(arrays["mpp"]).reshape(-1)[0])
-        if not (math.isfinite(mpp) and mpp > 0):
-            raise ValueError(f"{path}: 'mpp' must be a positive number, got {mpp}")
-    names = [str(n) for n in arrays["names"].reshape(-1)] if "names" in arrays else None
-    if names is not None and len(names) != inst.shape[0]:
-        raise ValueError(f"{path}: {len(names)} 'names' for {inst.shape[0]} images")
-    class_names = (
-        [str(n) for n in arrays["class_names"].reshape(-1)] if "class_names" in arrays else None
-    )
-    return _LabelFile(inst, type_map, mpp, names, class_names)
-
-
-def _load_image(path: Path) -> _LabelFile:
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".png":
-            from PIL import Image
-
-            with Image.open(path) as img:
-                if img.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr"):
-                    raise ValueError(
-                        f"{path}: {img.mode} image; expected a single-channel label image "
-                        "(one instance id per pixel)"
-                    )
-                arr = np.asarray(img)
-        else:
-            import tifffile
-
-            arr = tifffile.imread(path)
-    except (OSError, SyntaxError) as exc:
-        raise ValueError(f"{path}: cannot read label image ({exc})") from exc
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        raise ValueError(
-            f"{path}: shape {arr.shape} looks like colour; expected a single-channel label image"
-        )
-    return _LabelFile(_as_labels(arr, what=str(path)), None, None, None, None)
-
-
-def _load(path: str | Path) -> _LabelFile:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        return _load_npz(path)
-    if suffix in (".png", ".tif", ".tiff"):
-        return _load_image(path)
-    raise ValueError(f"{path}: unsupported file type {suffix!r} (use .npz, .png, .tif or .tiff)")
-
-
 def _resolve_radius(
-    radius: float | None, mpp: float | None, pred: _LabelFile, gt: _LabelFile
+    radius: float | None, mpp: float | None, pred: LabelFile, gt: LabelFile
 ) -> tuple[float, float | None, str]:
     """(radius in px, mpp used, where the radius came from)."""
     if pred.mpp is not None and gt.mpp is not None and not math.isclose(
@@ -454,20 +358,6 @@ def _resolve_radius(
             return radius_for_mpp(value), value, source
     logger.warning("no resolution given or stored; assuming %s µm/px (40×)", DEFAULT_MPP)
     return radius_for_mpp(DEFAULT_MPP), DEFAULT_MPP, "default"
-
-
-def _class_names_for(pred: _LabelFile, gt: _LabelFile) -> list[str] | None:
-    if pred.type_map is None or gt.type_map is None:
-        if (pred.type_map is None) != (gt.type_map is None):
-            logger.warning("only one file has a 'type_map'; evaluating without classes")
-        return None
-    names = gt.class_names or pred.class_names
-    top = int(max(pred.type_map.max(initial=0), gt.type_map.max(initial=0)))
-    if names is None:
-        return ["background", *(f"class_{k}" for k in range(1, top + 1))]
-    if top >= len(names):
-        raise ValueError(f"type_map holds class {top} but only {len(names)} class_names")
-    return names
 
 
 def evaluate_files(
@@ -501,15 +391,15 @@ def evaluate_files(
     ValueError
         A file is missing, unreadable, or its arrays do not match the other file's.
     """
-    pred = _load(pred_path)
-    gt = _load(gt_path)
+    pred = load_label_file(pred_path)
+    gt = load_label_file(gt_path)
     if pred.inst.shape != gt.inst.shape:
         raise ValueError(
             f"pred {pred_path} holds labels of shape {pred.inst.shape}, "
             f"gt {gt_path} of shape {gt.inst.shape}"
         )
     radius_px, mpp_used, source = _resolve_radius(radius, mpp, pred, gt)
-    class_names = _class_names_for(pred, gt)
+    class_names = class_names_for(pred, gt)
     n = gt.inst.shape[0]
 
     def images() -> Iterable[ImageTuple]:

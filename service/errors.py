@@ -18,8 +18,10 @@ Tree::
     ├── UnknownModel             422 unknown_model        no model of that name
     └── QueueUnavailable         503 queue_unavailable    Redis does not answer
 
-Slide errors from :mod:`worker` (raised by the validation open) map to 422 with the codes in
-:data:`SLIDE_ERROR_CODES`.
+Every other exception's status and code come from one table, :data:`ERROR_CODES`, looked up
+along the exception's class hierarchy (:func:`error_code`, :func:`http_status`): the API's
+answers and a failed job's ``error.code`` read the same entries. Slide errors from :mod:`worker`
+(raised by the validation open or a task) are 422 with a code per subclass.
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ from worker.errors import (
     SlideTooLarge,
     TissueMaskError,
     UnsupportedSlide,
+    WorkerError,
 )
 
 __all__ = [
-    "SLIDE_ERROR_CODES",
+    "DEFAULT_CODE",
+    "ERROR_CODES",
     "BadUpload",
     "InvalidOptions",
     "JobNotFinished",
@@ -59,6 +63,8 @@ __all__ = [
     "UploadTimeout",
     "UploadTooLarge",
     "error_body",
+    "error_code",
+    "http_status",
     "install_handlers",
     "public_message",
 ]
@@ -145,22 +151,62 @@ class QueueUnavailable(ServiceError):
     status, code = 503, "queue_unavailable"
 
 
-SLIDE_ERROR_CODES: dict[type[SlideError], str] = {
-    NotRGBSlide: "not_rgb_slide",
-    MissingResolution: "missing_resolution",
-    UnsupportedSlide: "unsupported_slide",
-    SlideTooLarge: "slide_too_large",
+ERROR_CODES: dict[type[BaseException] | str, tuple[int, str]] = {
+    SlideError: (422, "invalid_slide"),
+    UnsupportedSlide: (422, "unsupported_slide"),
+    NotRGBSlide: (422, "not_rgb_slide"),
+    MissingResolution: (422, "missing_resolution"),
+    SlideTooLarge: (422, "slide_too_large"),
+    TissueMaskError: (422, "invalid_tissue_mask"),
+    WorkerError: (500, "processing_error"),
+    # Named, not imported: service.queue.retry imports this module.
+    "service.queue.retry.WorkerDied": (500, "worker_died"),
 }
-"""Error code of each slide error (checked in order; the base class gives ``invalid_slide``)."""
+"""(HTTP status, error code) of the exceptions that are not :class:`ServiceError` (which carry
+their own), keyed by class or by ``module.QualName``; the nearest class of an exception's MRO
+that is listed decides."""
+
+DEFAULT_CODE = "task_failed"
+"""Error code of an exception no entry covers (a failed job's "anything else")."""
 
 
-def slide_error_code(exc: BaseException) -> str:
-    for cls, code in SLIDE_ERROR_CODES.items():
-        if isinstance(exc, cls):
-            return code
-    if isinstance(exc, TissueMaskError):
-        return "invalid_tissue_mask"
-    return "invalid_slide"
+def _entry(exc: BaseException) -> tuple[int, str] | None:
+    """(status, code) of ``exc``: its own if a ServiceError, else the table's nearest class."""
+    if isinstance(exc, ServiceError):
+        return exc.status, exc.code
+    for cls in type(exc).__mro__:
+        entry = ERROR_CODES.get(cls) or ERROR_CODES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if entry is not None:
+            return entry
+    return None
+
+
+def error_code(exc: BaseException | None, default: str = DEFAULT_CODE) -> str:
+    """The stable error code an exception stands for (API answers and failed jobs alike).
+
+    Parameters
+    ----------
+    exc : BaseException or None
+        The exception (None: no exception was caught).
+    default : str
+        The code of an exception :data:`ERROR_CODES` does not cover.
+
+    Returns
+    -------
+    str
+        ``exc.code`` for a :class:`ServiceError`; else the code of the nearest class of
+        ``type(exc).__mro__`` in the table (``not_rgb_slide``, ``invalid_slide`` for another
+        SlideError, ``processing_error`` for another WorkerError, ``worker_died``...); else
+        ``default``.
+    """
+    entry = None if exc is None else _entry(exc)
+    return default if entry is None else entry[1]
+
+
+def http_status(exc: BaseException) -> int:
+    """The HTTP status an exception is answered with: its table entry's, else 500."""
+    entry = _entry(exc)
+    return 500 if entry is None else entry[0]
 
 
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
@@ -213,9 +259,9 @@ def public_message(text: str, name: str | None = None) -> str:
     return _FLAG.sub(lambda m: f'"{_option(m[1])}" in options', text)
 
 
-async def _slide_error(request: Request, exc: Exception) -> JSONResponse:
+async def _table_error(request: Request, exc: Exception) -> JSONResponse:
     # Worker messages are written for the command line: they name the file and CLI flags.
-    return _response(422, slide_error_code(exc), public_message(str(exc)))
+    return _response(http_status(exc), error_code(exc), public_message(str(exc)))
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -236,8 +282,10 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install_handlers(app: FastAPI) -> None:
     """Register the translation of every error to ``{"error": {"code", "message"}}``."""
     app.add_exception_handler(ServiceError, _service_error)  # type: ignore[arg-type]
-    app.add_exception_handler(SlideError, _slide_error)
-    app.add_exception_handler(TissueMaskError, _slide_error)
+    # Only the table's client errors answer with their message; the rest are internal errors.
+    for key, (status, _) in ERROR_CODES.items():
+        if isinstance(key, type) and issubclass(key, Exception) and status < 500:
+            app.add_exception_handler(key, _table_error)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)

@@ -6,7 +6,6 @@ writes it through :class:`service.store.Store`. State changes go through :func:`
 
 from __future__ import annotations
 
-import math
 import re
 import time
 import uuid
@@ -15,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from worker.slide.base import MAX_MPP, MIN_MPP
+from worker.options import MAX_MPP, MAX_REGION_SIZE, MIN_MPP, MIN_REGION_SIZE, check_mpp, check_roi
 
 __all__ = [
     "PHASES",
@@ -62,10 +61,6 @@ _ALLOWED = {
 }
 
 
-_MAX_COORDINATE = 2**31 - 1
-"""Largest roi coordinate or size, level-0 px (far beyond any slide; keeps arithmetic in int64)."""
-
-
 class JobOptions(BaseModel):
     """What the client asked for (the ``options`` form field)."""
 
@@ -76,7 +71,8 @@ class JobOptions(BaseModel):
         json_schema_extra={"minimum": MIN_MPP, "maximum": MAX_MPP})
     roi: tuple[int, int, int, int] | None = Field(default=None, description="x, y, w, h in level-0 pixels")
     tissue_mask: bool = Field(default=True, description="skip background (false: analyse everything)")
-    region_size: int | None = Field(default=None, ge=64, le=8192, description="region core side, model px")
+    region_size: int | None = Field(
+        default=None, ge=MIN_REGION_SIZE, le=MAX_REGION_SIZE, description="region core side, model px")
     min_class_prob: float | None = Field(
         default=None, ge=0, le=1, allow_inf_nan=False,
         description="nuclei whose class probability is below this are reported unclassified "
@@ -91,25 +87,19 @@ class JobOptions(BaseModel):
     @field_validator("mpp")
     @classmethod
     def _check_mpp(cls, value: float | None) -> float | None:
-        # One range for every layer: the slide reader's (a value it would refuse is refused here).
-        if value is not None and not math.isfinite(value):
-            spelled = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-            raise ValueError(f"must be a finite number of µm per pixel, got {spelled}")
-        if value is not None and not MIN_MPP <= value <= MAX_MPP:
-            raise ValueError(f"must be between {MIN_MPP} and {MAX_MPP} µm per pixel, got {value:g} "
-                             "(e.g. 0.25 for a 40× scan, 0.5 for 20×)")
-        return value
+        # One range for every layer (worker.options): a value the slide reader would refuse is
+        # refused here, in its words less the name the API's message puts in front.
+        if value is None:
+            return None
+        try:
+            return check_mpp(value)
+        except ValueError as exc:
+            raise ValueError(str(exc).removeprefix("mpp ")) from None
 
     @field_validator("roi")
     @classmethod
     def _check_roi(cls, value: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
-        if value is not None:
-            x, y, w, h = value
-            if x < 0 or y < 0 or w <= 0 or h <= 0:
-                raise ValueError(f"roi wants x, y >= 0 and w, h > 0, got {list(value)}")
-            if max(value) > _MAX_COORDINATE:
-                raise ValueError(f"roi values must be at most {_MAX_COORDINATE} px, got {list(value)}")
-        return value
+        return None if value is None else check_roi(value)
 
 
 class SlideRef(BaseModel):

@@ -8,6 +8,13 @@ from typing import Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.options import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_REGION_SIZE,
+    MAX_REGION_SIZE,
+    MIN_REGION_SIZE,
+)
+
 __all__ = ["DEFAULT_STORE", "Settings"]
 
 DEFAULT_STORE = "./hoverserve-data"
@@ -42,8 +49,9 @@ class Settings(BaseSettings):
     retention_hours: float = Field(default=DEFAULT_RETENTION_HOURS, gt=0,
                                    description="hours a finished job's data is kept")
     sweep_interval_s: float = Field(default=300.0, gt=0, description="seconds between retention sweeps")
-    region_size: int = Field(default=2048, ge=64, description="region core side, model pixels")
-    batch_size: int = Field(default=8, ge=1, description="patches per inference batch")
+    region_size: int = Field(default=DEFAULT_REGION_SIZE, ge=MIN_REGION_SIZE, le=MAX_REGION_SIZE,
+                             description="region core side, model pixels")
+    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, description="patches per inference batch")
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$", description="inference device")
     max_attempts: int = Field(default=3, ge=1, description="tries per task before the job fails")
     task_timeout_s: int = Field(default=1800, ge=10, description="seconds a single task may run (RQ)")

@@ -37,7 +37,7 @@ from fsspec.implementations.local import LocalFileSystem
 from service.errors import JobNotFound
 from service.jobs import JobRecord, JobState, is_job_id
 from worker.job import SlidePlan
-from worker.nuclei import NucleusTable
+from worker.nuclei import COLUMN_NAMES, NucleusTable
 from worker.plan_io import dump_plan, load_plan
 
 __all__ = ["SLIDE_EXTENSIONS", "Progress", "Store", "load_table", "owner_digest", "save_table"]
@@ -50,8 +50,7 @@ SLIDE_EXTENSIONS = frozenset({
 })
 """File-name extensions kept on stored slides (readers pick formats partly by extension)."""
 
-_TABLE_COLUMNS = ("centroid", "bbox", "area_um2", "perimeter_um", "solidity", "eccentricity", "type",
-                  "type_prob", "np_prob", "vertices", "offsets", "region")
+_TABLE_COLUMNS = (*COLUMN_NAMES, "vertices", "offsets")
 
 
 def owner_digest(owner: str) -> str:

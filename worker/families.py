@@ -170,6 +170,6 @@ def job_options(card: ModelCard, *, min_class_prob: float | None = None) -> Any:
     """The card's post-processing with what a job may change in it (a class-probability floor,
     for families that classify by a vote)."""
     options = card.options
-    if min_class_prob is not None and hasattr(options, "min_class_prob"):
-        options = dataclasses.replace(options, min_class_prob=min_class_prob)
+    if min_class_prob is not None and isinstance(options, HoverOptions):
+        return dataclasses.replace(options, min_class_prob=min_class_prob)
     return options

@@ -126,9 +126,7 @@ class SlidePlan:
 
     def tissue_in(self, level0: Box) -> bool:
         """Whether any tissue lies in a level-0 box (always true without a mask)."""
-        if self.tissue is None:
-            return True
-        return self.tissue.any_in(level0.row0, level0.col0, level0.row1, level0.col1)
+        return self.tissue is None or self.tissue.tissue_in(level0)
 
     def tile_wanted(self, tile: Box) -> bool:
         return self.tissue_in(self.grid.to_level0(tile.grow(self.margin)))

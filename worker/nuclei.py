@@ -13,7 +13,51 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["Nucleus", "NucleusTable"]
+__all__ = ["COLUMNS", "COLUMN_NAMES", "Column", "Nucleus", "NucleusTable"]
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One per-nucleus column of :class:`NucleusTable`, as every stored form writes it.
+
+    Attributes
+    ----------
+    name : str
+        The table's attribute, and the array's name in the stores.
+    dtype : str
+        numpy dtype of the values.
+    shape : tuple of int
+        Trailing shape of one row (``()`` for a scalar).
+    unit : str
+        What a value means, written into the zarr table's attributes.
+    measurement : str or None
+        QuPath measurement name the GeoJSON writes the column under (None: not a measurement).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    unit: str
+    measurement: str | None = None
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("centroid", "float64", (2,), "level-0 px (x, y)"),
+    Column("bbox", "float64", (4,), "level-0 px (x_min, y_min, x_max, y_max), half-open"),
+    Column("area_um2", "float32", (), "µm^2", "Area µm^2"),
+    Column("perimeter_um", "float32", (), "µm", "Perimeter µm"),
+    Column("solidity", "float32", (), "1 (area / convex hull area)", "Solidity"),
+    Column("eccentricity", "float32", (), "1 (0 = circle)", "Eccentricity"),
+    Column("type", "int16", (), "class index into attrs['classes'] (0 = unclassified)"),
+    Column("type_prob", "float32", (), "1 (fraction of pixels voting for type)"),
+    Column("np_prob", "float32", (), "1 (mean nucleus probability)"),
+    Column("region", "int32", (), "region index"),
+)
+"""The per-nucleus columns, in stored order (the ragged vertices/offsets and the measurements
+are handled apart). The one list: the table's checks, ``take`` and ``concat``, the zarr table's
+writer and reader, and the GeoJSON's shape measurements read it."""
+
+COLUMN_NAMES: tuple[str, ...] = tuple(column.name for column in COLUMNS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +137,7 @@ class NucleusTable:
 
     def __post_init__(self) -> None:
         n = len(self.centroid)
-        for name in ("bbox", "area_um2", "perimeter_um", "solidity", "eccentricity", "type",
-                     "type_prob", "np_prob", "region"):
+        for name in COLUMN_NAMES:
             if len(getattr(self, name)) != n:
                 raise ValueError(f"column {name!r} has length {len(getattr(self, name))}, expected {n}")
         if len(self.offsets) != n + 1 or self.offsets[-1] != len(self.vertices):
@@ -143,11 +186,8 @@ class NucleusTable:
         if self.cell_vertices is not None and self.cell_offsets is not None:
             cell_vertices, cell_offsets = _take_ragged(self.cell_vertices, self.cell_offsets, idx)
         return NucleusTable(
-            centroid=self.centroid[idx], bbox=self.bbox[idx], area_um2=self.area_um2[idx],
-            perimeter_um=self.perimeter_um[idx], solidity=self.solidity[idx],
-            eccentricity=self.eccentricity[idx], type=self.type[idx],
-            type_prob=self.type_prob[idx], np_prob=self.np_prob[idx],
-            vertices=vertices.astype(np.float32), offsets=offsets, region=self.region[idx],
+            **{name: getattr(self, name)[idx] for name in COLUMN_NAMES},
+            vertices=vertices.astype(np.float32), offsets=offsets,
             measurements={k: v[idx] for k, v in self.measurements.items()},
             cell_vertices=cell_vertices, cell_offsets=cell_offsets,
         )
@@ -220,10 +260,7 @@ class NucleusTable:
             for k in names
         }
         return cls(
-            centroid=cat("centroid"), bbox=cat("bbox"), area_um2=cat("area_um2"),
-            perimeter_um=cat("perimeter_um"), solidity=cat("solidity"),
-            eccentricity=cat("eccentricity"), type=cat("type"), type_prob=cat("type_prob"),
-            np_prob=cat("np_prob"), vertices=cat("vertices"), offsets=offsets, region=cat("region"),
+            **{name: cat(name) for name in COLUMN_NAMES}, vertices=cat("vertices"), offsets=offsets,
             measurements=measurements, cell_vertices=cell_vertices, cell_offsets=cell_offsets,
         )
 

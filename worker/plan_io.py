@@ -79,12 +79,12 @@ def dump_plan(plan: SlidePlan) -> tuple[bytes, bytes]:
         "objects": plan.objects, "cell_expansion_um": plan.cell_expansion_um,
         "min_class_prob": plan.min_class_prob, "plan_seconds": plan.plan_seconds,
     }
-    arrays = {"thumbnail": plan.thumbnail, "hematoxylin": plan.stains.hematoxylin,
+    arrays: dict[str, np.ndarray] = {"thumbnail": plan.thumbnail, "hematoxylin": plan.stains.hematoxylin,
               "eosin": plan.stains.eosin, "background": plan.stains.background}
     if plan.tissue is not None:
         arrays["tissue_mask"] = plan.tissue.mask
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]  # numpy types ** as a bool
     return json.dumps(record, ensure_ascii=False).encode(), buffer.getvalue()
 
 

@@ -13,8 +13,9 @@
 6. markers = foreground where ``overall < marker_threshold``, holes filled, opened with an
    elliptical kernel, 4-connected components, those under ``min_size`` dropped;
 7. ``skimage.segmentation.watershed(energy, markers, mask=foreground)``;
-8. per instance: bbox, centroid (image moments), outer contour, and the type vote (majority of
-   the per-pixel type; a background majority yields to the most frequent other type).
+8. per instance (:mod:`worker.instances`): bbox, centroid (image moments), outline, and the type
+   vote (majority of the per-pixel type; a background majority yields to the most frequent other
+   type).
 
 The label image is identical to the official one up to renumbering (official ids are the marker
 ids, with gaps; here they are 1..n in the same order). The speed comes from doing exactly the
@@ -34,10 +35,10 @@ Constants scale with resolution. With ``s = 0.25 / mpp`` (so ``s = 1`` at 40×, 
 At ``mpp = 0.25`` these are the official 21, 10 and 5; at 0.5 µm/px they are 11, 3 and 3.
 
 :func:`segment_maps` is what the pipeline and ``model evaluate`` call: the card's
-:class:`HoverOptions` may ask for the maps to be upsampled (bilinear, by an integer factor)
-before :func:`hover_instances`. A model working at 0.5 µm/px then traces outlines on a 0.25 µm/px
-grid: the watershed boundaries fall between coarse pixels instead of on them, which measured +0.018
-PQ on held-out CoNSeP for the 20× default model (docs/model-card.md).
+:class:`~models.families.HoverOptions` may ask for the maps to be upsampled (bilinear, by an
+integer factor) before :func:`hover_instances`. A model working at 0.5 µm/px then traces outlines
+on a 0.25 µm/px grid: the watershed boundaries fall between coarse pixels instead of on them,
+which measured +0.018 PQ on held-out CoNSeP for the 20× default model (docs/model-card.md).
 """
 
 from __future__ import annotations
@@ -51,10 +52,9 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 from numpy.typing import NDArray
-from scipy import ndimage
 
 from models.families import MAX_UPSAMPLE, HoverOptions
-from worker.contours import pixel_edge_ring
+from worker.instances import as_float32, check_map, check_types, measure, measure_nuclei
 from worker.nuclei import Nucleus
 from worker.watershed import instance_labels
 
@@ -80,7 +80,6 @@ _SOBEL_KSIZE = 21
 _MIN_SIZE = 10
 _OPENING = 5
 _MAX_SOBEL_KSIZE = 31  # the largest aperture cv2.Sobel accepts
-_MAX_TYPES = 256  # bounds the (nuclei × types) vote table
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +142,7 @@ def upsample_maps(
     size = (w * factor, h * factor)
 
     def linear(a: NDArray, out: NDArray[np.float32] | None = None) -> NDArray:
-        return cv2.resize(_as_float32(a), size, dst=out, interpolation=cv2.INTER_LINEAR)
+        return cv2.resize(as_float32(a), size, dst=out, interpolation=cv2.INTER_LINEAR)
 
     def planes(stack: NDArray) -> NDArray[np.float32]:
         # Each plane resized straight into its slot: no per-plane copies to stack afterwards.
@@ -212,214 +211,6 @@ def scaled_constants(mpp: float = REFERENCE_MPP) -> PostprocessConstants:
     return PostprocessConstants(sobel_ksize=ksize, min_size=min_size, opening=opening)
 
 
-# --------------------------------------------------------------------------- input checks
-
-
-def _check_map(name: str, array: object, ndim: int) -> NDArray:
-    arr = np.asarray(array)
-    if arr.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
-    if arr.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype} (shape {arr.shape})")
-    if min(arr.shape, default=0) == 0:
-        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinite values (shape {arr.shape})")
-    return arr
-
-
-def _as_float32(arr: NDArray) -> NDArray[np.float32]:
-    # The official code casts every map to float32 first; float32 input is used as is.
-    return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-def _check_types(types: object, shape: tuple[int, int]) -> NDArray | None:
-    """The validated (H, W) type indices or (C, H, W) type probabilities, or None (untyped)."""
-    if types is None:
-        return None
-    arr = np.asarray(types)
-    if arr.ndim == 2:
-        if arr.shape != shape:
-            raise ValueError(f"types (H, W) must match np_prob {shape}, got shape {arr.shape}")
-        if arr.dtype.kind not in "biu":
-            raise ValueError(
-                f"types as an (H, W) map must be integer class indices, got dtype {arr.dtype} "
-                f"(shape {arr.shape}); pass (C, H, W) probabilities instead"
-            )
-        low, high = int(arr.min()), int(arr.max())
-        if low < 0 or high >= _MAX_TYPES:
-            raise ValueError(
-                f"types (H, W) must be >= 0 and < {_MAX_TYPES}, got values {low}..{high}"
-            )
-        return arr
-    if arr.ndim == 3:
-        if arr.shape[1:] != shape or not 1 <= arr.shape[0] <= _MAX_TYPES:
-            raise ValueError(
-                f"types (C, H, W) must have H, W = {shape} and 1 <= C <= {_MAX_TYPES}, "
-                f"got shape {arr.shape}"
-            )
-        _check_map("types", arr, 3)
-        return arr
-    raise ValueError(f"types must be None, (H, W) or (C, H, W), got shape {arr.shape}")
-
-
-# --------------------------------------------------------------------------- the algorithm
-
-
-def _instance_labels(
-    np_prob: NDArray[np.float32],
-    hv: NDArray[np.float32],
-    *,
-    np_threshold: float,
-    marker_threshold: float,
-    constants: PostprocessConstants,
-) -> tuple[NDArray[np.int32], int]:
-    """Official ``__proc_np_hv`` on validated float32 maps: consecutive labels and their count
-    (:func:`worker.watershed.instance_labels`)."""
-    return instance_labels(np_prob, hv, np_threshold=np_threshold,
-                           marker_threshold=marker_threshold, sobel_ksize=constants.sobel_ksize,
-                           min_size=constants.min_size, opening=constants.opening)
-
-
-# --------------------------------------------------------------------------- measurements
-
-
-def _pixel_type(types: NDArray, flat_index: NDArray[np.intp]) -> NDArray[np.intp]:
-    """Type index of the given raveled pixels, from an (H, W) map or (C, H, W) probabilities."""
-    if types.ndim == 2:
-        return types.ravel()[flat_index].astype(np.intp)
-    probs = types.reshape(types.shape[0], -1)[:, flat_index]
-    return np.argmax(probs, axis=0)
-
-
-def _type_votes(
-    inst: NDArray[np.intp], pixel_type: NDArray[np.intp], n: int
-) -> tuple[NDArray[np.intp], NDArray[np.float64]]:
-    """Official vote per id 0..n: majority type; a background majority yields to the most
-    frequent other type. Ties go to the lower index, as the official stable sort does."""
-    n_types = int(pixel_type.max()) + 1 if pixel_type.size else 1
-    counts = np.bincount(inst * n_types + pixel_type, minlength=(n + 1) * n_types)
-    counts = counts.reshape(n + 1, n_types)
-    rows = np.arange(n + 1)
-    best = np.argmax(counts, axis=1)
-    if n_types > 1:
-        other = 1 + np.argmax(counts[:, 1:], axis=1)
-        best = np.where((best == 0) & (counts[rows, other] > 0), other, best)
-    return best, counts[rows, best] / np.maximum(counts.sum(axis=1), 1)
-
-
-def _outer_contour(mask: NDArray[np.uint8]) -> NDArray[np.float32]:
-    """Outline of the largest 8-connected piece along its pixels' edges (area = pixel count; see
-    :mod:`worker.contours`), vertices in the crop's pixel-centre frame."""
-    return pixel_edge_ring(mask)
-
-
-def _shape(
-    mask: NDArray[np.uint8], origin: tuple[int, int]
-) -> tuple[tuple[float, float], NDArray[np.float32], float, float, float]:
-    """Centroid, contour, perimeter, solidity and eccentricity of one nucleus crop."""
-    m = cv2.moments(mask, binaryImage=True)
-    area = m["m00"]
-    x0, y0 = origin
-    centroid = (m["m10"] / area + x0, m["m01"] / area + y0)
-    polygon = _outer_contour(mask)
-    # The outline's hull is the hull of the pixel squares: solidity compares like with like.
-    hull = cv2.convexHull(polygon)
-    solidity = min(1.0, area / max(cv2.contourArea(hull), 1.0))
-    polygon[:, 0] += x0
-    polygon[:, 1] += y0
-    perimeter = cv2.arcLength(polygon, closed=True)
-    # Eigenvalues of the covariance of the pixel coordinates (skimage's inertia tensor).
-    a, b, c = m["mu20"] / area, m["mu11"] / area, m["mu02"] / area
-    root = math.sqrt(max(((a - c) / 2.0) ** 2 + b * b, 0.0))
-    major, minor = (a + c) / 2.0 + root, (a + c) / 2.0 - root
-    eccentricity = math.sqrt(max(1.0 - minor / major, 0.0)) if major > 0 else 0.0
-    return centroid, polygon, float(perimeter), float(solidity), eccentricity
-
-
-def _measure(
-    labels: NDArray[np.integer],
-    n: int,
-    np_prob: NDArray[np.float32] | None,
-    types: NDArray | None,
-) -> list[Nucleus]:
-    """One record per id 1..n present in ``labels``: bincounts for the per-pixel sums, then one
-    bounding-box crop per nucleus for its shape."""
-    flat_index = np.flatnonzero(labels)
-    inst = labels.ravel()[flat_index].astype(np.intp)
-    area = np.bincount(inst, minlength=n + 1)
-    mean_prob = np.ones(n + 1)
-    if np_prob is not None:
-        prob_sum = np.bincount(inst, np_prob.ravel()[flat_index], minlength=n + 1)
-        mean_prob = prob_sum / np.maximum(area, 1)
-    if types is None:
-        kind, kind_prob = np.zeros(n + 1, np.intp), np.ones(n + 1)
-    else:
-        kind, kind_prob = _type_votes(inst, _pixel_type(types, flat_index), n)
-    nuclei = []
-    for i, box in enumerate(ndimage.find_objects(labels, max_label=n)):
-        if box is None:
-            continue
-        label = i + 1
-        rows, cols = box
-        mask = (labels[rows, cols] == label).view(np.uint8)
-        centroid, contour, perimeter, solidity, eccentricity = _shape(mask, (cols.start, rows.start))
-        nuclei.append(Nucleus(
-            label=label,
-            centroid=centroid,
-            bbox=(cols.start, rows.start, cols.stop, rows.stop),
-            area=int(area[label]),
-            contour=contour,
-            type=int(kind[label]),
-            type_prob=float(kind_prob[label]),
-            np_prob=float(mean_prob[label]),
-            perimeter=perimeter,
-            solidity=solidity,
-            eccentricity=eccentricity,
-        ))
-    return nuclei
-
-
-def measure_nuclei(
-    labels: NDArray[np.integer],
-    *,
-    np_prob: NDArray[np.floating] | None = None,
-    types: NDArray | None = None,
-) -> list[Nucleus]:
-    """Measure every nucleus of a label image (the per-instance half of :func:`hover_instances`).
-
-    Parameters
-    ----------
-    labels : (H, W) integer ndarray
-        0 background, ids >= 1; ids need not be consecutive (absent ids are skipped).
-    np_prob : (H, W) float ndarray, optional
-        Nucleus probability; its mean per nucleus becomes ``Nucleus.np_prob`` (1.0 if None).
-    types : None, (H, W) int ndarray or (C, H, W) float ndarray, optional
-        As for :func:`hover_instances`.
-
-    Returns
-    -------
-    list of Nucleus
-        In increasing label order, ``label`` being the id in ``labels``.
-    """
-    lab = _check_map("labels", labels, 2)
-    if lab.dtype.kind not in "iu":
-        raise ValueError(f"labels must be integer, got dtype {lab.dtype} (shape {lab.shape})")
-    n = int(lab.max())
-    if lab.min() < 0 or n > max(4 * lab.size, 2**16):
-        raise ValueError(
-            f"labels must be ids in 0..{max(4 * lab.size, 2**16)}, got {lab.min()}..{n}"
-        )
-    prob = None
-    if np_prob is not None:
-        prob_arr = _check_map("np_prob", np_prob, 2)
-        if prob_arr.shape != lab.shape:
-            raise ValueError(f"np_prob must match labels {lab.shape}, got shape {prob_arr.shape}")
-        prob = _as_float32(prob_arr)
-    type_arr = _check_types(types, lab.shape)
-    return _measure(lab, n, prob, type_arr) if n else []
-
-
 # --------------------------------------------------------------------------- public entry
 
 
@@ -474,32 +265,29 @@ def hover_instances(
 
     * centroid: mean (x, y) of its pixels (``cv2.moments``, as the official code);
     * bbox: (x_min, y_min, x_max, y_max), half-open; area: pixel count;
-    * contour: OpenCV's outer contour through boundary pixel centres (``CHAIN_APPROX_SIMPLE``),
-      as the official code. A nucleus one or two pixels wide, whose contour has under 3 vertices
-      or no area, gets the convex hull of its pixel squares instead. Thin 1-px parts make
-      OpenCV contours retrace themselves: exporters must still make polygons valid. A nucleus in
-      several pieces (rare) keeps the largest piece's contour (the official code keeps the
-      last-found piece);
+    * contour: the outline of its pixel squares (:func:`worker.contours.pixel_edge_ring`; its
+      area is the pixel count), vertices where it turns. A nucleus in several pieces (rare)
+      keeps the largest piece's outline (the official code keeps the last-found piece);
     * perimeter: length of that closed contour;
     * solidity: area over the area of the convex hull of its pixel squares (1 for a rectangle);
     * eccentricity: of the ellipse with the same second moments (skimage's definition);
     * type / type_prob: the official vote and the fraction of pixels voting for the winner.
     """
-    np_arr = _check_map("np_prob", np_prob, 2)
-    hv_arr = _check_map("hv", hv, 3)
+    np_arr = check_map("np_prob", np_prob, 2)
+    hv_arr = check_map("hv", hv, 3)
     if hv_arr.shape != (2, *np_arr.shape):
         raise ValueError(
             f"hv must have shape (2, H, W) = {(2, *np_arr.shape)}, got shape {hv_arr.shape}"
         )
-    type_arr = _check_types(types, np_arr.shape)
+    type_arr = check_types(types, np_arr.shape)
     constants = _options(mpp, min_size, sobel_ksize, np_threshold, marker_threshold)
 
-    np32 = _as_float32(np_arr)
-    labels, n = _instance_labels(
-        np32, _as_float32(hv_arr), np_threshold=np_threshold,
-        marker_threshold=marker_threshold, constants=constants,
+    np32 = as_float32(np_arr)
+    labels, n = instance_labels(
+        np32, as_float32(hv_arr), np_threshold=np_threshold, marker_threshold=marker_threshold,
+        sobel_ksize=constants.sobel_ksize, min_size=constants.min_size, opening=constants.opening,
     )
-    nuclei = _measure(labels, n, np32, type_arr) if n else []
+    nuclei = measure(labels, n, np32, type_arr) if n else []
     logger.debug("hover_instances: %d nuclei in a %s map (%s)", n, labels.shape, constants)
     return HoverInstances(labels=labels, nuclei=nuclei)
 

@@ -135,8 +135,7 @@ def prepare(slide_path: str | Path, card: ModelCard, options: InferenceOptions, 
         halo = math.ceil(options.halo_um / grid.mpp)
 
         def keep(core: Box) -> bool:
-            level0 = grid.to_level0(core)
-            return mask is None or mask.any_in(level0.row0, level0.col0, level0.row1, level0.col1)
+            return mask is None or mask.tissue_in(grid.to_level0(core))
 
         regions = plan_regions(area, tile=card.output_size, region_size=_core_size(card, options, halo),
                                halo=halo, keep=keep)

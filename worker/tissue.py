@@ -18,10 +18,12 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
+from skimage.morphology import remove_small_objects
 
 from worker.errors import TissueMaskError
 
 if TYPE_CHECKING:
+    from worker.plan import Box
     from worker.slide import Slide
 
 __all__ = [
@@ -114,19 +116,12 @@ def pen_mask(hsv: NDArray[np.uint8]) -> NDArray[np.bool_]:
 
 
 def _otsu(values: NDArray[np.uint8]) -> float:
-    """Otsu's threshold of uint8 values (between-class variance maximised over the histogram)."""
-    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
-    total = hist.sum()
-    if total == 0:
-        return 0.0
-    levels = np.arange(256, dtype=np.float64)
-    weight0 = np.cumsum(hist)
-    weight1 = total - weight0
-    sum0 = np.cumsum(hist * levels)
-    mean0 = np.divide(sum0, weight0, out=np.zeros(256), where=weight0 > 0)
-    mean1 = np.divide(sum0[-1] - sum0, weight1, out=np.zeros(256), where=weight1 > 0)
-    between = weight0 * weight1 * (mean0 - mean1) ** 2
-    return float(np.argmax(between))
+    """Otsu's threshold of uint8 values: the largest level of the darker class (OpenCV's)."""
+    # OpenCV's 8-bit Otsu (first maximum of the between-class variance) gave the same thresholds
+    # as a float64 histogram written out, on every shared slide and tile and on 3,000 random
+    # histograms with empty bins and single levels.
+    threshold, _ = cv2.threshold(values.reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return float(threshold)
 
 
 def _disk(radius: int) -> NDArray[np.uint8]:
@@ -135,10 +130,10 @@ def _disk(radius: int) -> NDArray[np.uint8]:
 
 
 def _remove_small(mask: NDArray[np.bool_], min_area: int) -> NDArray[np.bool_]:
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
-    keep[0] = False  # the background label
-    return keep[labels] if count > 1 else np.zeros_like(mask)
+    """``mask`` without its 8-connected fragments of fewer than ``min_area`` pixels."""
+    # max_size removes fragments of at most that many pixels, i.e. fewer than min_area.
+    kept: NDArray[np.bool_] = remove_small_objects(mask, max_size=min_area - 1, connectivity=2)
+    return kept
 
 
 def _fill_small_holes(mask: NDArray[np.bool_], max_area: int) -> NDArray[np.bool_]:
@@ -277,6 +272,11 @@ class TissueMask:
         if r1 <= r0 or c1 <= c0:
             return False
         return bool(self.mask[r0:r1, c0:c1].any())
+
+    def tissue_in(self, level0: Box) -> bool:
+        """Whether any tissue lies in a level-0 :class:`~worker.plan.Box` (the planner's
+        question: :meth:`any_in` on the box's half-open rows and columns)."""
+        return self.any_in(level0.row0, level0.col0, level0.row1, level0.col1)
 
     @property
     def area_fraction(self) -> float:

@@ -40,6 +40,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
+from skimage.morphology import remove_small_objects
 from skimage.segmentation import watershed
 
 __all__ = ["Components", "component_watershed", "foreground_components", "instance_labels"]
@@ -145,32 +146,21 @@ def _markers(
     min_size: int,
 ) -> NDArray[np.int32]:
     """Official markers: ids in raster order of their first pixel (``ndimage.label``), those
-    under ``min_size`` pixels (counted before masking) zeroed."""
+    under ``min_size`` pixels (counted before masking) dropped."""
     # The official threshold compares float64 (promoted) values against a Python float.
     seeds = fg & (overall < np.float64(threshold))
     filled = _fill_holes(seeds.view(np.uint8))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (opening, opening))
     opened = np.asarray(cv2.morphologyEx(filled, cv2.MORPH_OPEN, kernel), np.uint8)
+    # The official code labels, then calls remove_small_objects on the labels; on a bool mask
+    # (4-connected, as ndimage.label) the call drops the same pieces without its warning about a
+    # map holding one label, and labelling after keeps their raster order, so after the
+    # watershed's renumbering the labels are the same.
+    if min_size > 1:
+        opened = remove_small_objects(opened.view(np.bool_), max_size=min_size - 1,
+                                      connectivity=1).view(np.uint8)
     labels, _ = ndimage.label(opened)
-    return _drop_small(labels.astype(np.int32, copy=False), min_size)
-
-
-def _drop_small(labels: NDArray[np.int32], min_size: int) -> NDArray[np.int32]:
-    """Labels with the components under ``min_size`` pixels zeroed.
-
-    ``skimage.morphology.remove_small_objects(labels, max_size=min_size - 1)`` gives the same
-    labels, but warns when the map holds a single label and copies the map; one lookup table
-    gather is cheaper than its mask-and-assign."""
-    if min_size <= 1:
-        return labels
-    sizes = np.bincount(labels.ravel())
-    small = sizes < min_size
-    small[0] = False
-    if not small.any():
-        return labels
-    lut = np.arange(sizes.size, dtype=np.int32)
-    lut[small] = 0
-    return lut[labels]
+    return np.asarray(labels, np.int32)
 
 
 # --------------------------------------------------------------------------- the watershed

@@ -25,8 +25,8 @@ from service.errors import (
     ResultsExpired,
     ServiceError,
     SlideNotFound,
+    error_code,
     public_message,
-    slide_error_code,
 )
 from service.jobs import JobOptions, JobRecord, JobState, SlideRef, new_job_id, transition
 from service.schemas import ErrorBody, ErrorDetail, JobList, JobProgress, JobStatus, SlideInfo
@@ -253,7 +253,7 @@ async def create_job(request: Request, response: Response, services: ServicesDep
             slide = await run_in_threadpool(_store_upload, services, upload, options, owner, job_id)
             services.metrics.upload_bytes.inc(upload.size)
     except (ServiceError, SlideError) as exc:
-        code = exc.code if isinstance(exc, ServiceError) else slide_error_code(exc)
+        code = error_code(exc)
         services.metrics.uploads_rejected.labels(code).inc()
         raise
     finally:

@@ -20,12 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from service.catalog import Catalog
-from service.errors import ServiceError, slide_error_code
+from service.errors import ServiceError, error_code
 from service.jobs import JobError, JobRecord, JobState, transition
-from service.queue.retry import WorkerDied
 from service.settings import Settings
 from service.store import Store, load_table, save_table
-from worker.errors import SlideError, WorkerError
 from worker.job import SlidePlan
 from worker.options import InferenceOptions
 
@@ -247,19 +245,6 @@ def finalize_job(job_id: str) -> list[str]:
     return names
 
 
-def _error_code(exc: BaseException | None) -> str:
-    """The job error code an exception stands for."""
-    if isinstance(exc, SlideError):
-        return slide_error_code(exc)
-    if isinstance(exc, WorkerDied):
-        return "worker_died"
-    if isinstance(exc, ServiceError):
-        return exc.code
-    if isinstance(exc, WorkerError):
-        return "processing_error"
-    return "task_failed"
-
-
 def _index_nuclei(root: str, ctx: TaskContext) -> None:
     """Build the viewer's spatial index of the nuclei; a failure only defers it to first use."""
     from worker.nuclei_index import build_index_from_results
@@ -275,7 +260,7 @@ def fail_job(job_id: str, exc: BaseException | None, *, reason: str | None = Non
     """Mark the job failed with the exception's reason (and traceback) or ``reason``; ``code``
     overrides the error code the exception implies."""
     ctx = get_context()
-    code = code or _error_code(exc)
+    code = code or error_code(exc)
     message = reason or (f"{type(exc).__name__}: {exc}" if exc is not None else "the job failed")
     trace = "".join(traceback.format_exception(exc)) if exc is not None else None
     error = JobError(code=code, message=message, traceback=trace)

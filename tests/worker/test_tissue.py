@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import cv2
@@ -11,6 +12,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from worker.errors import SlideTooLarge, TissueMaskError
+from worker.plan import Box
 from worker.slide import open_slide
 from worker.tissue import TissueMask, detect_tissue, load_tissue_mask, pen_mask, tissue_mask_for
 
@@ -154,6 +156,19 @@ def test_any_in_maps_level_0_boxes_onto_the_mask(
     box: tuple[float, float, float, float], expected: bool
 ) -> None:
     assert _one_pixel_mask().any_in(*box) is expected
+
+
+def test_tissue_in_asks_any_in_about_a_level_0_box_with_the_masks_origin_and_downsample() -> None:
+    rng = np.random.default_rng(5)
+    mask = TissueMask(rng.random((30, 40)) < 0.05, downsample=7.3, origin=(100, 250))
+    for _ in range(500):
+        row0, col0 = (int(v) for v in rng.integers(0, 600, 2))
+        row1, col1 = row0 + int(rng.integers(1, 80)), col0 + int(rng.integers(1, 80))
+        # The planner's arithmetic, written out: mask cells overlapping the box, clipped.
+        r0, c0 = max(0, math.floor((row0 - 100) / 7.3)), max(0, math.floor((col0 - 250) / 7.3))
+        r1, c1 = min(30, math.ceil((row1 - 100) / 7.3)), min(40, math.ceil((col1 - 250) / 7.3))
+        expected = r1 > r0 and c1 > c0 and bool(mask.mask[r0:r1, c0:c1].any())
+        assert mask.tissue_in(Box(row0, col0, row1, col1)) is expected
 
 
 def test_areas() -> None:

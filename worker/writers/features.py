@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models.card import ClassInfo
-from worker.nuclei import NucleusTable
+from worker.nuclei import COLUMNS, NucleusTable
 from worker.writers._common import ClassTable
 from worker.writers.polygons import CleanPolygons, clean_polygons, clean_rings
 
@@ -42,10 +42,8 @@ MEASUREMENT_DECIMALS = 4
 
 ObjectType = Literal["detections", "cells"]
 
-_LEGACY = (("Area µm^2", "area_um2", "Nucleus: Area µm^2"),
-           ("Perimeter µm", "perimeter_um", "Nucleus: Perimeter µm"),
-           ("Solidity", "solidity", "Nucleus: Solidity"),
-           ("Eccentricity", "eccentricity", "Nucleus: Eccentricity"))
+_LEGACY = tuple((c.measurement, c.name, f"Nucleus: {c.measurement}")
+                for c in COLUMNS if c.measurement is not None)
 """Columns of the table written under these names unless ``table.measurements`` has the QuPath
 equivalent (third name) or the same name."""
 

@@ -45,7 +45,7 @@ from numpy.typing import NDArray
 from zarr.storage import LocalStore
 
 from models.card import ClassInfo
-from worker.nuclei import NucleusTable
+from worker.nuclei import COLUMNS, NucleusTable
 from worker.writers._common import (
     NUCLEUS_UUID_NAMESPACE,
     UNCLASSIFIED_NAME,
@@ -57,7 +57,6 @@ from worker.writers._common import (
 
 __all__ = [
     "CHUNK_ROWS",
-    "COLUMNS",
     "FORMAT",
     "GRID_UM",
     "TABLE_NAME",
@@ -86,21 +85,6 @@ GRID_UM = 100.0
 
 _VERTEX_CHUNK = 1 << 20
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed entry dates: the same store gives the same zip bytes
-
-COLUMNS: dict[str, tuple[str, str]] = {
-    "centroid": ("float64", "level-0 px (x, y)"),
-    "bbox": ("float64", "level-0 px (x_min, y_min, x_max, y_max), half-open"),
-    "area_um2": ("float32", "µm^2"),
-    "perimeter_um": ("float32", "µm"),
-    "solidity": ("float32", "1 (area / convex hull area)"),
-    "eccentricity": ("float32", "1 (0 = circle)"),
-    "type": ("int16", "class index into attrs['classes'] (0 = unclassified)"),
-    "type_prob": ("float32", "1 (fraction of pixels voting for type)"),
-    "np_prob": ("float32", "1 (mean nucleus probability)"),
-    "region": ("int32", "region index"),
-}
-"""Per-nucleus columns: dtype and unit (the ragged vertices/offsets are handled apart)."""
-
 
 def _check_geometry(mpp: float, slide_shape: Sequence[int], grid_um: float) -> tuple[int, int]:
     if not (isinstance(mpp, int | float) and math.isfinite(mpp) and mpp > 0):
@@ -195,9 +179,7 @@ class TableWriter:
         self.grid: NDArray[np.uint32] | None = None
         g = self.group
         self.id = _create(g, "id", str, (), chunk_rows)
-        self.columns = {name: _create(g, name, dtype, (2,) if name == "centroid" else
-                                      (4,) if name == "bbox" else (), chunk_rows)
-                        for name, (dtype, _) in COLUMNS.items()}
+        self.columns = {c.name: _create(g, c.name, c.dtype, c.shape, chunk_rows) for c in COLUMNS}
         self.vertices = _create(g, "vertices", "float32", (2,), _VERTEX_CHUNK)
         self.offsets = _create(g, "offsets", "int64", (), chunk_rows)
         self.offsets.append(np.zeros(1, np.int64))
@@ -218,7 +200,7 @@ class TableWriter:
                         for i, c in enumerate(self.classes)],
             "typed": class_table.typed, "unclassified": UNCLASSIFIED_NAME,
             "mpp": self.mpp, "slide_shape": [self.height, self.width],
-            "units": {**{name: unit for name, (_, unit) in COLUMNS.items()},
+            "units": {**{c.name: c.unit for c in COLUMNS},
                       "vertices": "level-0 px (x, y), rings not closed",
                       "offsets": "row i owns vertices[offsets[i]:offsets[i+1]]"},
             "measurements": self.names, "cells": self.cells,
@@ -236,8 +218,8 @@ class TableWriter:
         if len(table) == 0:
             return
         self.id.append(np.asarray(ids, dtype=np.dtypes.StringDType()))
-        for name, array in self.columns.items():
-            array.append(np.asarray(getattr(table, name), dtype=COLUMNS[name][0]))
+        for c in COLUMNS:
+            self.columns[c.name].append(np.asarray(getattr(table, c.name), dtype=c.dtype))
         self.vertices.append(np.asarray(table.vertices, np.float32))
         self.offsets.append(np.asarray(table.offsets[1:], np.int64) + self.vertex_count)
         self.vertex_count += len(table.vertices)

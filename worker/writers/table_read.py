@@ -23,9 +23,9 @@ from zarr.abc.store import Store
 from zarr.storage import FsspecStore, ZipStore
 
 from models.card import ClassInfo
-from worker.nuclei import NucleusTable
+from worker.nuclei import COLUMNS, NucleusTable
 from worker.writers._common import check_fs, join
-from worker.writers.table import CHUNK_ROWS, COLUMNS, FORMAT, TABLE_NAME, ZIP_NAME
+from worker.writers.table import CHUNK_ROWS, FORMAT, TABLE_NAME, ZIP_NAME
 
 __all__ = ["TableReader", "open_table", "read_table"]
 
@@ -141,8 +141,7 @@ class TableReader:
         lo, hi = max(0, lo), min(self.n, hi)
         if hi <= lo:
             return NucleusTable(), []
-        columns = {key: np.asarray(self._array(key)[lo:hi], dtype)
-                   for key, (dtype, _) in COLUMNS.items()}
+        columns = {c.name: np.asarray(self._array(c.name)[lo:hi], c.dtype) for c in COLUMNS}
         vertices, offsets = self._ragged("vertices", "offsets", lo, hi, geometry)
         cells: dict[str, Any] = {}
         if self.has_cells:
