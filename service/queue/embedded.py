@@ -183,7 +183,7 @@ class EmbeddedQueue:
             record = self.context.store.update_record(record.id, count)
             if record.attempts >= self.policy.max_attempts:
                 times = "once" if record.attempts == 1 else f"{record.attempts} times"
-                fail_job(record.id, None, code="server_died", reason=(
+                fail_job(record.id, None, code="server_died", ctx=self.context, reason=(
                     f"the server running this job died — killed or out of memory — {times}; "
                     "giving up (POST /v1/jobs/<id>/retry runs it again)"))
                 return
@@ -298,7 +298,7 @@ class EmbeddedQueue:
 
     def _fail(self, job_id: str, exc: BaseException, reason: str | None) -> None:
         try:
-            fail_job(job_id, exc, reason=reason)
+            fail_job(job_id, exc, reason=reason, ctx=self.context)
         except JobNotFound:
             logger.info("job %s: deleted before its failure could be recorded", job_id)
         except Exception:

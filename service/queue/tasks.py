@@ -256,10 +256,11 @@ def _index_nuclei(root: str, ctx: TaskContext) -> None:
 
 
 def fail_job(job_id: str, exc: BaseException | None, *, reason: str | None = None,
-             code: str | None = None) -> None:
+             code: str | None = None, ctx: TaskContext | None = None) -> None:
     """Mark the job failed with the exception's reason (and traceback) or ``reason``; ``code``
-    overrides the error code the exception implies."""
-    ctx = get_context()
+    overrides the error code the exception implies. ``ctx`` defaults to the process's task
+    context (a queue running in the API process passes its own)."""
+    ctx = ctx or get_context()
     code = code or error_code(exc)
     message = reason or (f"{type(exc).__name__}: {exc}" if exc is not None else "the job failed")
     trace = "".join(traceback.format_exception(exc)) if exc is not None else None
