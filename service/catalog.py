@@ -1,5 +1,5 @@
 """Installed models: the bundled ones (default first) plus every ``*.onnx`` in the models folder, by
-file stem."""
+file stem. Names are looked up by :func:`models.zoo.resolve_model`, as on the command line."""
 
 from __future__ import annotations
 
@@ -9,14 +9,12 @@ from pathlib import Path
 
 from models.card import ModelCard, read_card
 from models.errors import ModelError
+from models.zoo import DEFAULT_ALIAS, ModelNotFound, default_model, installed_models, resolve_model
 from service.errors import UnknownModel
 
 __all__ = ["DEFAULT_ALIAS", "Catalog"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_ALIAS = "default"
-"""Name that always means the bundled default model (when the build has one)."""
 
 
 @lru_cache(maxsize=64)
@@ -35,37 +33,23 @@ class Catalog:
 
     def paths(self) -> dict[str, Path]:
         """Model name → file, the bundled default first."""
-        from models.zoo import default_model, list_models
-
-        found: dict[str, Path] = {}
-        default = default_model()
-        if default is not None:
-            found[default.stem] = default
-        for path in list_models():  # the other bundled models (earlier versions, TTA variants)
-            found.setdefault(path.stem, path)
-        if self.models_dir is not None and self.models_dir.is_dir():
-            for path in sorted(self.models_dir.glob("*.onnx")):
-                found.setdefault(path.stem, path)
-        return found
+        return installed_models(self.models_dir)
 
     def default_name(self) -> str | None:
-        from models.zoo import default_model
-
         default = default_model()
         return default.stem if default is not None else None
 
     def resolve(self, name: str | None) -> tuple[str, Path]:
-        """(canonical name, file) of a model; ``None`` or ``"default"`` is the bundled model."""
-        paths = self.paths()
-        if name is None or name == DEFAULT_ALIAS:
-            default = self.default_name()
-            if default is None:
-                raise UnknownModel(
-                    "this server has no default model; name one of: " + (", ".join(paths) or "(none)"))
-            return default, paths[default]
-        if name not in paths:
-            raise UnknownModel(f"unknown model {name!r}; installed: {', '.join(paths) or '(none)'}")
-        return name, paths[name]
+        """(canonical name, file) of a model; ``None`` or ``"default"`` is the bundled model.
+
+        Only installed models' names are accepted, never a path (:func:`models.zoo.resolve_model`
+        with ``files=False``); an unknown name is :class:`UnknownModel` naming the installed ones.
+        """
+        try:
+            path = resolve_model(name, self.models_dir, files=False)
+        except ModelNotFound as exc:
+            raise UnknownModel(str(exc)) from exc
+        return path.stem, path  # installed models are named by their file's stem
 
     def card(self, name: str | None) -> ModelCard:
         canonical, path = self.resolve(name)

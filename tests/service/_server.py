@@ -53,7 +53,7 @@ def service_env(tmp: Path, **settings: str) -> dict[str, str]:
 
 
 _MAIN = "import sys; from service.cli import main; sys.exit(main(sys.argv[1:]))"
-"""The ``hoverserve`` console script (``-m service.cli`` would register no service commands)."""
+"""What the ``hoverserve`` console script runs (``python -m service.cli`` runs the same)."""
 
 
 class Process:

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import client_commands
 from service.cli import EXIT_USAGE, main
+from service.cli import client as client_commands
 from service.client import Client, ClientError, ServerUnreachable
 from tests.service._server import _MAIN, CMU1, ROOT, SLIDES, Server, free_port, service_env, submit
 

@@ -1,7 +1,9 @@
 """``hoverserve submit`` and ``hoverserve jobs ...``: the command-line client of a server.
 
-Every failure (no answer, an error answer, Ctrl-C, a closed output pipe) is one line on stderr
-and exit status 2, never a traceback. Once a job exists, the line says how to get back to it.
+Every failure (no answer, an error answer, Ctrl-C, a closed output pipe) becomes a
+:class:`~service.cli._errors.UsageError` whose message says what happened, printed as one line on
+stderr with exit status 2 (:mod:`service.cli._errors`), never a traceback. Once a job exists, the
+line says how to get back to it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.cli import EXIT_USAGE, UsageError, _positive_float, _positive_int, _roi
+from service.cli import _args
+from service.cli._errors import UsageError
 from service.client import TERMINAL, Client, ClientError, ServerUnreachable
 
 __all__ = ["register"]
@@ -77,36 +80,26 @@ def _silence_stdout() -> None:
         os.close(devnull)
 
 
-def _fail(message: str) -> int:
-    # Printed here rather than raised to service.cli.main: its error types import the whole
-    # worker package, seconds that a client command that failed to connect should not wait.
-    print(f"hoverserve: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
-
-
 def _run(args: argparse.Namespace, action: Callable[[_Session, Client], int]) -> int:
-    """Run ``action`` with a client; every failure is one line on stderr and exit status 2."""
-    try:
-        session = _Session(args)
-    except UsageError as exc:
-        return _fail(str(exc))
+    """Run ``action`` with a client; every failure becomes a UsageError saying what happened."""
+    session = _Session(args)
     try:
         with session.client() as client:
             code = action(session, client)
         sys.stdout.flush()
         return code
-    except UsageError as exc:
-        return _fail(str(exc))
+    except UsageError:
+        raise
     except (ClientError, ServerUnreachable, KeyboardInterrupt, TimeoutError) as exc:
-        return _fail(_describe(exc, session))
+        raise UsageError(_describe(exc, session)) from exc
     except BrokenPipeError as exc:
         _silence_stdout()
-        return _fail(_describe(exc, session))
+        raise UsageError(_describe(exc, session)) from exc
     except OSError as exc:  # e.g. the download folder cannot be written
-        return _fail(" ".join(str(exc).split()))
+        raise UsageError(str(exc)) from exc
     except KeyError as exc:
-        return _fail(f"unexpected answer from {session.server} (no {exc} field); is it a "
-                     "HoVerServe server of this version?")
+        raise UsageError(f"unexpected answer from {session.server} (no {exc} field); is it a "
+                         "HoVerServe server of this version?") from exc
 
 
 def _out(text: str) -> None:
@@ -199,7 +192,7 @@ def _finished(status: dict[str, Any]) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     slide = Path(args.slide)
     if not slide.is_file():
-        return _fail(f"slide not found: {slide}")
+        raise UsageError(f"slide not found: {slide}")
     options: dict[str, object] = {}
     if args.model:
         options["model"] = args.model
@@ -315,11 +308,11 @@ def _server_options(p: argparse.ArgumentParser) -> None:
 
 
 def _follow_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--interval", type=_positive_float, default=1.0, help="seconds between polls")
+    p.add_argument("--interval", type=_args.positive_float, default=1.0, help="seconds between polls")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: _args.Subparsers) -> None:
     """Add ``submit`` and ``jobs list|status|download|cancel|retry|delete`` to ``hoverserve``."""
     p = sub.add_parser("submit", help="send a slide to a server, follow it, download results")
     p.add_argument("slide")
@@ -327,8 +320,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wait", action="store_true", help="follow the job until it finishes")
     p.add_argument("--out", help="download the results into this folder (implies --wait)")
     p.add_argument("--model", help="model name (see GET /v1/models)")
-    p.add_argument("--mpp", type=_positive_float, help="µm per level-0 pixel override")
-    p.add_argument("--roi", type=_roi, help="x,y,w,h in level-0 pixels")
+    p.add_argument("--mpp", type=_args.mpp, help="µm per level-0 pixel override")
+    p.add_argument("--roi", type=_args.roi, help="x,y,w,h in level-0 pixels")
     p.add_argument("--no-tissue-mask", action="store_true")
     _follow_options(p)
     p.set_defaults(func=_cmd_submit, command="submit")
@@ -339,7 +332,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = jsub.add_parser("list", help="your jobs, newest first")
     _server_options(p)
     p.add_argument("--state", help=f"only jobs in this state ({', '.join(STATES)}...)")
-    p.add_argument("--limit", type=_positive_int, default=50, help="at most this many (max 500)")
+    p.add_argument("--limit", type=_args.positive_int, default=50, help="at most this many (max 500)")
     p.add_argument("--offset", type=int, default=0, help="skip this many of the newest")
     p.add_argument("--json", action="store_true", help="print the server's JSON")
     p.set_defaults(func=_cmd_list)

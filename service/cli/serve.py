@@ -1,21 +1,22 @@
-"""``hoverserve serve | worker | submit | key``: the service's subcommands (registered in service.cli)."""
+"""``hoverserve serve`` (the HTTP API) and ``hoverserve worker`` (a queue worker)."""
 
 from __future__ import annotations
 
 import argparse
 import errno
-import json
-import secrets
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from service import client_commands
-from service.cli import _EXTRA_COMMANDS, UsageError
+from service.cli import _args
+from service.cli._errors import UsageError
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 __all__ = ["register"]
 
 
-def _settings(store: str | None):
+def _settings(store: str | None) -> Settings:
     from service.settings import Settings
 
     overrides: dict[str, Any] = {"store": store} if store else {}
@@ -69,23 +70,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_key_new(args: argparse.Namespace) -> int:
-    from service.deps import key_digest
-
-    key = "hs_" + secrets.token_urlsafe(32)
-    print(json.dumps({"key": key, "sha256": key_digest(key)}, indent=2))
-    return 0
-
-
-def _cmd_key_hash(args: argparse.Namespace) -> int:
-    from service.deps import key_digest
-
-    print(key_digest(args.key))
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add the service subcommands to the ``hoverserve`` parser."""
+def register(sub: _args.Subparsers) -> None:
+    """Add ``serve`` and ``worker`` to the ``hoverserve`` parser."""
     p = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -100,16 +86,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="worker name (default: host:pid)")
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.set_defaults(func=_cmd_worker)
-
-    client_commands.register(sub)  # submit, jobs list|status|download|cancel|retry|delete
-
-    p = sub.add_parser("key", help="API keys for HOVERSERVE_API_KEYS")
-    ksub = p.add_subparsers(dest="key_command", required=True)
-    k = ksub.add_parser("new", help="make a key; put its sha256 in HOVERSERVE_API_KEYS")
-    k.set_defaults(func=_cmd_key_new)
-    k = ksub.add_parser("hash", help="the sha256 of an existing key")
-    k.add_argument("key")
-    k.set_defaults(func=_cmd_key_hash)
-
-
-_EXTRA_COMMANDS.append(register)
