@@ -1,9 +1,10 @@
-"""Score a model on point-annotated images (a dot and a class per cell, no outlines).
+"""Point-annotated images (a dot and a class per cell, no outlines): reading, class matching.
 
-``hoverserve model evaluate MODEL ../shared/data/nuclei/brca_m2c --split val`` runs the model
-through the same inference path as :mod:`models.evaluate_model` and pairs each predicted
-nucleus centre with the annotated points (Hungarian pairing within 3 µm, HoVer-Net's rule), then
-reports detection F1 and eq. 8's F_c per class.
+This module reads such data sets and matches their classes to a model's; scoring a model on them
+(``hoverserve model evaluate MODEL ../shared/data/nuclei/brca_m2c --split val``) runs it through
+the inference path, so it lives with the worker (:func:`worker.evaluation.points.evaluate_points`):
+each predicted nucleus centre is paired with the annotated points (Hungarian pairing within 3 µm,
+HoVer-Net's rule), then detection F1 and eq. 8's F_c per class are reported.
 
 Layout (``points.npz`` beside ``images/<name>.png``): ``names``, ``split`` ('train'/'val'),
 ``mpp``, ``class_names`` (entry 0 the background) and per image ``<name>_xy`` (K, 2) (x, y)
@@ -18,7 +19,6 @@ the same data, not with outline-annotated scores.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +27,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from models.evaluate import radius_for_mpp
-from models.metrics import DetectionResult, point_scores
-
 __all__ = [
     "CLASS_ALIASES",
     "PointImage",
     "class_map",
-    "evaluate_points",
     "is_point_dataset",
     "label_centres",
+    "point_class_names",
     "point_table",
     "read_points",
 ]
@@ -65,6 +62,7 @@ class PointImage:
 
 
 def is_point_dataset(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding a ``points.npz``."""
     return (Path(path) / POINTS_FILE).is_file()
 
 
@@ -90,6 +88,7 @@ def read_points(folder: str | Path, *, split: str | None = None) -> Iterator[Poi
 
 
 def point_class_names(folder: str | Path) -> tuple[str, ...]:
+    """The class names a point data set lists (entry 0 the background)."""
     with np.load(Path(folder) / POINTS_FILE, allow_pickle=False) as arrays:
         return tuple(str(n) for n in arrays["class_names"])
 
@@ -117,76 +116,9 @@ def label_centres(labels: NDArray[np.integer]) -> tuple[NDArray[np.int64], NDArr
     return ids, xy
 
 
-def _centres(labels: NDArray[np.int32], types: dict[int, int]) -> tuple[NDArray, NDArray]:
-    ids, xy = label_centres(labels)
-    return xy, np.asarray([types.get(int(lab), 0) for lab in ids], dtype=np.int64)
-
-
-def _num(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)
-
-
-def evaluate_points(
-    model_path: str | Path,
-    data: str | Path,
-    *,
-    split: str | None = None,
-    only: Sequence[str] = (),
-    device: str = "cpu",
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Run a model on a point data set and score detection and classes.
-
-    Returns
-    -------
-    dict
-        ``n_images``, ``radius_px``, ``detection`` (``f1_d``, ``precision``, ``recall``,
-        ``type_accuracy``), ``classes`` (name → ``f1``: eq. 8's F_c), ``mean_f_c`` over the
-        scored classes and ``per_image``; JSON-ready, None where undefined.
-    """
-    from tqdm import tqdm
-
-    from models.evaluate_model import predict_instances
-    from worker.infer import load_model
-
-    model = load_model(model_path, device=device)  # type: ignore[arg-type]
-    names = [c.name for c in model.card.classes]
-    mapping = class_map(point_class_names(data), names) if model.typed else {}
-    images = [im for im in read_points(data, split=split) if not only or im.name.startswith(tuple(only))]
-    if not images:
-        raise ValueError(f"{data}: no images in split {split!r}" if split else f"{data}: no images")
-    class_ids = sorted(set(mapping.values()))
-    results: list[DetectionResult] = []
-    per_image = []
-    for im in tqdm(images, disable=not progress, desc=Path(data).name):
-        labels, types = predict_instances(model, im.image, im.mpp)
-        xy, cls = _centres(labels, types)
-        gt_cls = np.asarray([mapping.get(int(c), 0) for c in im.classes], dtype=np.int64)
-        typed = bool(class_ids)
-        result = point_scores(xy, cls if typed else None, im.xy, gt_cls if typed else None,
-                              radius=radius_for_mpp(im.mpp), class_ids=class_ids or None)
-        results.append(result)
-        per_image.append({"name": im.name, "f1_d": _num(result.f1_d), "nuclei": len(xy),
-                          "points": len(im.xy)})
-    pooled = DetectionResult.pooled(results)
-    classes = {names[c]: {"f1": _num(pooled.per_class.get(c, math.nan))} for c in class_ids}
-    defined = [v["f1"] for v in classes.values() if v["f1"] is not None]
-    return {
-        "model": str(model_path),
-        "data": str(data),
-        "split": split,
-        "n_images": len(images),
-        "radius_px": radius_for_mpp(images[0].mpp),
-        "detection": {"f1_d": _num(pooled.f1_d), "precision": _num(pooled.precision),
-                      "recall": _num(pooled.recall), "type_accuracy": _num(pooled.type_accuracy)},
-        "classes": classes,
-        "mean_f_c": sum(defined) / len(defined) if defined else None,
-        "per_image": per_image,
-    }
-
-
 def point_table(result: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
-    """A (title, header, rows) table of :func:`evaluate_points`'s result for the terminal."""
+    """A (title, header, rows) table of :func:`worker.evaluation.points.evaluate_points`'s result
+    for the terminal."""
     def fmt(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
 

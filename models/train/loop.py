@@ -26,7 +26,7 @@ from models.train.config import REPO_ROOT, ModelConfig, TrainConfig, load_config
 from models.train.data import Item, PatchSampler, load_items, split_items
 from models.train.from_onnx import calibrate_batchnorm, load_onnx_weights
 from models.train.losses import HoverLoss
-from models.train.validate import evaluate_items, summarise
+from models.train.validate import Validator
 
 __all__ = ["CHECKPOINT_NAME", "build_model", "run_training", "train"]
 
@@ -34,9 +34,6 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last.pt"
 """File name of the latest checkpoint inside a run folder."""
-
-CLASS_NAMES = ("background", "other", "inflammatory", "epithelial", "spindle")
-"""Type classes of the typed training data (CoNSeP's merged 4-class scheme)."""
 
 
 def build_model(config: ModelConfig) -> ConicNet:
@@ -149,11 +146,10 @@ def _append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
 
 
 def _evaluate(
-    model: nn.Module, val_items: list[Item], config: TrainConfig, device: torch.device
+    model: nn.Module, val_items: list[Item], config: TrainConfig, validate: Validator
 ) -> dict[str, float]:
-    class_names = CLASS_NAMES if config.model.n_classes == len(CLASS_NAMES) else None
     started = time.perf_counter()
-    flat = summarise(evaluate_items(model, val_items, class_names=class_names, device=device))
+    flat = dict(validate(model, val_items, config))
     logger.info(
         "held-out evaluation (%.0f s): %s",
         time.perf_counter() - started,
@@ -163,7 +159,12 @@ def _evaluate(
 
 
 def run_training(
-    config: TrainConfig, *, resume: bool = False, device: str = "auto", progress: bool = True
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    validate: Validator | None = None,
 ) -> Path:
     """Train per ``config``; see :func:`train`."""
     dev = _pick_device(device)
@@ -185,6 +186,9 @@ def run_training(
     )
     train_items, val_items = split_items(items, config.data.holdout)
     logger.info("%d training items, %d held out (%s)", len(train_items), len(val_items), config.data.holdout)
+    if val_items and validate is None:
+        logger.warning("no validator given: the %d held-out items are not scored and no best.pt "
+                       "is chosen", len(val_items))
     sampler = PatchSampler(
         train_items,
         patch_size=config.data.patch_size,
@@ -264,8 +268,8 @@ def run_training(
         evaluate_now = bool(val_items) and (
             (config.eval_every and done % config.eval_every == 0) or done == config.steps
         )
-        if evaluate_now:
-            metrics = {"step": done, **_evaluate(model, val_items, config, dev)}
+        if evaluate_now and validate is not None:
+            metrics = {"step": done, **_evaluate(model, val_items, config, validate)}
             _append_jsonl(run_dir / "eval.jsonl", metrics)
             score = _selection_score(metrics)
             if score > best:
@@ -319,7 +323,12 @@ def _selection_score(metrics: Mapping[str, float]) -> float:
 
 
 def train(
-    config_path: str | Path, *, resume: bool = False, device: str = "auto", progress: bool = True
+    config_path: str | Path,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    validate: Validator | None = None,
 ) -> Path:
     """Train a model from a YAML/JSON config (``hoverserve model train CONFIG``).
 
@@ -333,10 +342,18 @@ def train(
         ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda[:N]"``.
     progress : bool
         Show a tqdm progress bar with the running losses.
+    validate : callable, optional
+        Scores the network on the held-out items (``data.holdout``) every ``eval_every`` steps
+        and at the end: ``validate(model, items, config)`` → flat headline numbers; the best
+        mean of the ``/pq``, ``/aji``, ``/f1_d`` and ``/f_c_mean`` numbers is kept as
+        ``best.pt``. ``hoverserve model train`` passes
+        :func:`worker.evaluation.validation.validate_training` (the card's post-processing).
+        None: held-out items are not scored, and no ``best.pt`` is written.
 
     Returns
     -------
     Path
         The run's latest checkpoint (``<output_dir>/<name>/last.pt``).
     """
-    return run_training(load_config(config_path), resume=resume, device=device, progress=progress)
+    return run_training(load_config(config_path), resume=resume, device=device, progress=progress,
+                        validate=validate)

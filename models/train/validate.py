@@ -1,11 +1,17 @@
-"""Held-out evaluation during and after training: predict whole items, post-process, score."""
+"""Held-out evaluation during training: predict whole items, and the headline numbers of a score.
+
+Post-processing the predicted maps is the worker's (the card's family and options decide it), so
+the scoring itself is injected: :func:`models.train.loop.run_training` takes a :data:`Validator`,
+and ``hoverserve model train`` passes :func:`worker.evaluation.validation.validate_training`,
+which post-processes through the family registry exactly as the exported model's card will.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -13,11 +19,16 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import nn
 
+from models.train.config import TrainConfig
 from models.train.data import Item
 
-__all__ = ["evaluate_items", "predict_maps", "summarise"]
+__all__ = ["Validator", "predict_maps", "summarise"]
 
 logger = logging.getLogger(__name__)
+
+Validator: TypeAlias = Callable[[nn.Module, Sequence[Item], TrainConfig], Mapping[str, float]]
+"""Scores a network on held-out items as the run's card would post-process them: flat headline
+numbers (:func:`summarise`'s keys), the higher the better."""
 
 _CONTEXT = 16  # reflected context around an item, so its border pixels see (mirrored) neighbours
 _STRIDE = 16
@@ -52,41 +63,6 @@ def predict_maps(
     hv = out["hv"][window].cpu().numpy()
     tp = torch.softmax(out["tp"], dim=1)[window].cpu().numpy() if "tp" in out else None
     return np_prob, hv, tp
-
-
-def evaluate_items(
-    model: nn.Module,
-    items: Sequence[Item],
-    *,
-    class_names: Sequence[str] | None,
-    device: torch.device | str = "cpu",
-) -> dict[str, dict[str, Any]]:
-    """Evaluate ``model`` on held-out items, one result per source (see :func:`summarise`)."""
-    from models.evaluate import evaluate_dataset, radius_for_mpp
-    from worker.postprocess import hover_instances
-
-    was_training = model.training
-    model.eval()
-    results: dict[str, dict[str, Any]] = {}
-    try:
-        for source in sorted({item.source for item in items}):
-            chosen = [item for item in items if item.source == source]
-            typed = all(item.typed for item in chosen) and class_names is not None
-            pairs = []
-            for item in chosen:
-                np_prob, hv, tp = predict_maps(model, item.image, device=device)
-                found = hover_instances(np_prob, hv, tp if typed else None, mpp=item.mpp)
-                pred_types = {n.label: n.type for n in found.nuclei} if typed else None
-                pairs.append((found.labels, pred_types, item.inst, item.types if typed else None))
-            results[source] = evaluate_dataset(
-                pairs,
-                radius=radius_for_mpp(chosen[0].mpp),
-                class_names=class_names if typed else None,
-                image_names=[item.name for item in chosen],
-            )
-    finally:
-        model.train(was_training)
-    return results
 
 
 def summarise(results: dict[str, dict[str, Any]]) -> dict[str, float]:

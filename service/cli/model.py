@@ -96,8 +96,10 @@ def _cmd_model_export(args: argparse.Namespace) -> int:
 
 def _cmd_model_train(args: argparse.Namespace) -> int:
     from models.train import train
+    from worker.evaluation.validation import validate_training
 
-    path = train(args.config, resume=args.resume, device=args.device)
+    # The held-out score that picks the checkpoint post-processes as the exported card will.
+    path = train(args.config, resume=args.resume, device=args.device, validate=validate_training)
     print(f"checkpoint: {path}")
     return 0
 

@@ -1,19 +1,16 @@
 """Calibration of class probabilities: the reliability table bins scores and measures the gap to
-the share of right classes; the fitted map is non-decreasing and follows the true curve; the
-outcomes come from the inference path on point and outline data."""
+the share of right classes; the fitted map is non-decreasing and follows the true curve (the
+outcomes from the inference path: tests/worker/evaluation/test_calibration.py)."""
 
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from models.calibration import class_outcomes, fit_calibration, reliability_table
+from models.calibration import fit_calibration, reliability_table
 from models.families import HoverOptions
-from tests._synthetic import build_oracle
-from tests.models.test_evaluate_points import _write_points
 
 
 def test_a_calibrated_model_has_a_small_gap_and_an_overconfident_one_a_large_gap() -> None:
@@ -53,14 +50,3 @@ def test_violations_are_pooled_into_a_non_decreasing_map() -> None:
     correct = np.concatenate([np.zeros(10), np.ones(10), np.zeros(10), np.ones(10)]).astype(bool)
     points = fit_calibration(scores, correct, bins=4)
     assert points == ((0.1, 0.0), (0.4, 0.5), (0.7, 1.0))
-
-
-def test_outcomes_from_the_inference_path(tmp_path: Path) -> None:
-    oracle = build_oracle(tmp_path / "oracle.onnx")
-    data = tmp_path / "points"
-    n = _write_points(data)
-    got = class_outcomes(oracle, data, split="val")
-    assert got.scores.size == n and got.correct.all() and (got.scores == 1.0).all()
-    flipped = tmp_path / "flipped"
-    _write_points(flipped, flip_classes=True)
-    assert not class_outcomes(oracle, flipped, split="val").correct.any()

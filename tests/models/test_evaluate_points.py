@@ -1,6 +1,6 @@
-"""Point-labelled evaluation (``model evaluate`` on a points.npz folder): the oracle model on
-synthetic scenes whose points sit at the true nucleus centres scores perfectly; wrong classes,
-missing and displaced points cost exactly what eq. 8 and the 3 µm pairing say."""
+"""Point-labelled data sets (a points.npz folder): reading their images, points and splits, and
+matching their classes to a model's by name; :func:`_write_points` writes the synthetic scenes
+the inference-path tests (tests/worker/evaluation/test_points.py) score."""
 
 from __future__ import annotations
 
@@ -11,14 +11,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from models.evaluate_points import class_map, evaluate_points, is_point_dataset, read_points
+from models.evaluate_points import class_map, is_point_dataset, read_points
 from models.metrics import point_scores
-from tests._synthetic import build_oracle, draw_ellipses, encode_slide
-
-
-@pytest.fixture(scope="module")
-def oracle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_oracle(tmp_path_factory.mktemp("oracle") / "oracle.onnx")
+from tests._synthetic import draw_ellipses, encode_slide
 
 
 def _write_points(folder: Path, *, flip_classes: bool = False, drop: int = 0) -> int:
@@ -46,37 +41,17 @@ def _write_points(folder: Path, *, flip_classes: bool = False, drop: int = 0) ->
     return val_points
 
 
-def test_points_at_true_centres_score_perfectly(oracle: Path, tmp_path: Path) -> None:
-    n = _write_points(tmp_path)
+def test_a_point_data_set_reads_its_splits_in_file_order(tmp_path: Path) -> None:
+    assert not is_point_dataset(tmp_path)
+    n = _write_points(tmp_path, drop=2)
     assert is_point_dataset(tmp_path)
-    result = evaluate_points(oracle, tmp_path, split="val")
-    assert result["n_images"] == 1 and result["per_image"][0]["points"] == n
-    assert result["detection"]["f1_d"] == 1.0
-    assert result["classes"] == {"Alpha": {"f1": 1.0}, "Beta": {"f1": 1.0}}
-    assert result["mean_f_c"] == 1.0
-    assert evaluate_points(oracle, tmp_path)["n_images"] == 3  # no split: every image
-
-
-def test_wrong_classes_score_zero_classification_not_detection(oracle: Path, tmp_path: Path) -> None:
-    _write_points(tmp_path, flip_classes=True)
-    result = evaluate_points(oracle, tmp_path, split="val")
-    assert result["detection"]["f1_d"] == 1.0
-    assert result["detection"]["type_accuracy"] == 0.0
-    assert result["mean_f_c"] == 0.0
-
-
-def test_nuclei_without_points_count_as_false_positives(oracle: Path, tmp_path: Path) -> None:
-    n = _write_points(tmp_path, drop=3)
-    det = evaluate_points(oracle, tmp_path, split="val")["detection"]
-    assert det["recall"] == 1.0
-    assert det["precision"] == pytest.approx(n / (n + 3))
-
-
-def test_split_must_exist(oracle: Path, tmp_path: Path) -> None:
-    _write_points(tmp_path)
-    with pytest.raises(ValueError, match="no images"):
-        evaluate_points(oracle, tmp_path, split="test")
-    assert [im.split for im in read_points(tmp_path)] == ["train", "val", "train"]
+    images = list(read_points(tmp_path))
+    assert [im.split for im in images] == ["train", "val", "train"]
+    assert [im.name for im in read_points(tmp_path, split="val")] == ["scene_1"]
+    val = images[1]
+    assert val.image.shape == (240, 260, 3) and val.image.dtype == np.uint8 and val.mpp == 0.25
+    assert val.xy.shape == (n, 2) and val.classes.shape == (n,)
+    assert list(read_points(tmp_path, split="test")) == []
 
 
 def test_point_classes_map_to_model_classes_by_name_and_alias() -> None:

@@ -1,16 +1,21 @@
-"""The smoke config trains, writes a resumable checkpoint, and resuming continues from its step."""
+"""The smoke config trains, writes a resumable checkpoint, and resuming continues from its step;
+the held-out score is the injected validator's (the worker's, in ``hoverserve model train``), and
+the best checkpoint is the step it scores highest."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from models.train.config import REPO_ROOT, load_config
+from models.train.config import REPO_ROOT, TrainConfig, load_config
+from models.train.data import Item
 from models.train.loop import run_training, train
+from worker.evaluation.validation import validate_training
 
 SMOKE = REPO_ROOT / "configs" / "smoke.yaml"
 
@@ -23,12 +28,41 @@ def _config(tmp_path: Path, **update: object):
 
 def test_smoke_config_trains_and_evaluates(tmp_path: Path) -> None:
     config = load_config(SMOKE).model_copy(update={"output_dir": tmp_path})
-    checkpoint = run_training(config, device="cpu", progress=False)
+    checkpoint = run_training(config, device="cpu", progress=False, validate=validate_training)
     state = torch.load(checkpoint, weights_only=True)
     assert state["step"] == config.steps
     assert "monuseg/pq" in state["metrics"]
+    assert (checkpoint.parent / "best.pt").is_file()
     lines = (checkpoint.parent / "log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, config.steps + 1))
+
+
+def test_without_a_validator_held_out_items_are_not_scored(tmp_path: Path) -> None:
+    config = load_config(SMOKE).model_copy(update={"output_dir": tmp_path, "steps": 2})
+    assert config.data.holdout
+    checkpoint = run_training(config, device="cpu", progress=False)
+    assert torch.load(checkpoint, weights_only=True)["metrics"] == {}
+    assert not (checkpoint.parent / "best.pt").exists()
+    assert not (checkpoint.parent / "eval.jsonl").exists()
+
+
+def test_the_best_checkpoint_is_the_step_the_validator_scores_highest(tmp_path: Path) -> None:
+    config = load_config(SMOKE).model_copy(update={"output_dir": tmp_path, "eval_every": 1})
+    scores = iter([0.2, 0.9, 0.5, 0.1])  # step 2 is the best
+    seen: list[tuple[bool, list[str], TrainConfig]] = []
+
+    def validate(model: torch.nn.Module, items: Sequence[Item], given: TrainConfig) -> dict[str, float]:
+        seen.append((model.training, sorted({item.group for item in items}), given))
+        return {"held/pq": next(scores), "held/f1_d": float("nan")}
+
+    checkpoint = run_training(config, device="cpu", progress=False, validate=validate)
+    assert len(seen) == config.steps
+    assert all(groups == list(config.data.holdout) and given == config for _, groups, given in seen)
+    best = torch.load(checkpoint.parent / "best.pt", weights_only=True)
+    assert best["step"] == 2 and best["best"] == pytest.approx(0.45)  # NaN counts as 0
+    evaluated = [json.loads(line) for line in (checkpoint.parent / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evaluated] == [1, 2, 3, 4]
+    assert torch.load(checkpoint, weights_only=True)["metrics"]["held/pq"] == 0.1
 
 
 def test_resume_continues_from_the_checkpoint_step(tmp_path: Path) -> None:

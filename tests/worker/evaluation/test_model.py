@@ -16,12 +16,12 @@ import cv2
 import numpy as np
 import pytest
 
-import models.evaluate_model as evaluate_module
+import worker.evaluation.model as evaluate_module
 from models.datasets import read_labelled
-from models.evaluate_model import evaluate_model, sweep_postprocess
 from tests._synthetic import CLASSES, build_oracle, draw_ellipses, encode_slide
+from worker.evaluation.model import evaluate_model, sweep_postprocess
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CLASS_NAMES = np.array([c.name for c in CLASSES])
 SHAPES = [(200, 300), (256, 256), (150, 420)]  # not multiples of the oracle's 256-px tiles
 

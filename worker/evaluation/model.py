@@ -1,16 +1,18 @@
 """Score an exported model on annotated images: ``hoverserve model evaluate MODEL DATA...``.
 
 The model runs exactly as in a slide job (ONNX Runtime, the card's resolution, tiles of its output
-size, HoVer-Net post-processing with the card's thresholds); only the context around an image
-differs: a slide has real neighbours, an annotated image is reflected at its border. Predictions
-are scored at the data's own resolution (labels upsampled by nearest neighbour when the model
-works coarser), so numbers compare with published ones on the same data.
+size, its family's post-processing through :func:`worker.families.runner_for` with the card's
+options); only the context around an image differs: a slide has real neighbours, an annotated
+image is reflected at its border. Predictions are scored at the data's own resolution (labels
+resized by nearest neighbour when the model works coarser or traces on a finer grid), so numbers
+compare with published ones on the same data.
 
 Data sets: the layouts :func:`models.datasets.read_labelled` reads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,18 +23,20 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from models.card import ModelCard
 from models.datasets import read_labelled
 from models.evaluate import evaluate_dataset, radius_for_mpp
-from models.families import HoverOptions
-from worker.postprocess import segment_maps
+from worker.families import job_options, runner_for
+from worker.infer import Model, load_model, predict_maps
+from worker.plan import Box
 
 __all__ = [
-    "POSTPROCESS_KEYS",
     "ImageMaps",
     "card_postprocess",
     "evaluate_model",
     "instances_from_maps",
     "nuclei_from_maps",
+    "option_keys",
     "predict_image_maps",
     "predict_instances",
     "sweep_postprocess",
@@ -40,8 +44,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-POSTPROCESS_KEYS = HoverOptions.KEYS
-"""Card post-processing options evaluation can override."""
 
 def _resize(image: NDArray, shape: tuple[int, int], interpolation: int) -> NDArray:
     return cv2.resize(image, (shape[1], shape[0]), interpolation=interpolation)
@@ -51,22 +53,18 @@ def _resize(image: NDArray, shape: tuple[int, int], interpolation: int) -> NDArr
 class ImageMaps:
     """A model's maps for one image, at the model's resolution, cut to the image's extent."""
 
-    np_prob: NDArray[np.float32]
-    hv: NDArray[np.float32]
-    types: NDArray | None
+    arrays: Mapping[str, NDArray]
+    """The family's maps (:class:`worker.families.MapSpec` names), ``(lead…, h, w)`` each."""
     shape: tuple[int, int]
     """The image's own (height, width), where labels are scored."""
 
 
-def predict_image_maps(model: Any, image: NDArray[np.uint8], mpp: float) -> ImageMaps:
-    """Run ``model`` (a :class:`worker.infer.Model`) on one RGB image at ``mpp`` µm/px.
+def predict_image_maps(model: Model, image: NDArray[np.uint8], mpp: float) -> ImageMaps:
+    """Run ``model`` on one RGB image at ``mpp`` µm/px.
 
     The image is resampled to the model's resolution (area averaging when shrinking), reflected
     by the network margin, tiled and run exactly as slide regions are.
     """
-    from worker.infer import predict_maps
-    from worker.plan import Box
-
     card = model.card
     height, width = image.shape[:2]
     scale = mpp / card.mpp
@@ -89,23 +87,33 @@ def predict_image_maps(model: Any, image: NDArray[np.uint8], mpp: float) -> Imag
         cv2.BORDER_REFLECT_101,
     )
     maps = predict_maps(model, padded, maps_box.grow(pad), maps_box)
-    crop = np.s_[: size[0], : size[1]]
-    return ImageMaps(
-        np_prob=maps.np_prob[crop],
-        hv=maps.hv[:, : size[0], : size[1]],
-        types=maps.types[crop] if maps.types is not None else None,
-        shape=(height, width),
-    )
+    arrays = {name: array[..., : size[0], : size[1]] for name, array in maps.arrays.items()}
+    return ImageMaps(arrays=arrays, shape=(height, width))
 
 
 def nuclei_from_maps(
-    maps: ImageMaps, mpp: float, postprocess: Mapping[str, Any]
+    maps: ImageMaps, card: ModelCard, options: Any, *, typed: bool
 ) -> tuple[NDArray[np.int32], dict[int, tuple[int, float]]]:
-    """Post-processing of ``maps`` (made at ``mpp``) as a slide job does it: a label map at the
-    image's size (nearest neighbour where the two grids differ) and each label's (type, class
-    probability)."""
-    options = HoverOptions.from_mapping(postprocess)
-    found = segment_maps(maps.np_prob, maps.hv, maps.types, mpp=mpp, options=options)
+    """Post-processing of ``maps`` (made at the card's resolution) as a slide job does it.
+
+    Parameters
+    ----------
+    maps : ImageMaps
+        The maps of one image.
+    card : ModelCard
+        The model's card: its family picks the post-processing (:func:`worker.families.runner_for`).
+    options : HoverOptions or BoundaryOptions
+        The family's typed options (``card.options``, or a variant of them).
+    typed : bool
+        Whether the model classifies (else every nucleus has type 0).
+
+    Returns
+    -------
+    tuple
+        A label map at the image's size (nearest neighbour where the grids differ) and each
+        label's (type, class probability).
+    """
+    found = runner_for(card).segment(maps.arrays, mpp=card.mpp, options=options, typed=typed)
     labels = found.labels.astype(np.int32)
     if labels.shape != maps.shape:
         labels = _resize(labels, maps.shape, cv2.INTER_NEAREST)
@@ -113,25 +121,30 @@ def nuclei_from_maps(
 
 
 def instances_from_maps(
-    maps: ImageMaps, mpp: float, postprocess: Mapping[str, Any]
+    maps: ImageMaps, card: ModelCard, options: Any, *, typed: bool
 ) -> tuple[NDArray[np.int32], dict[int, int]]:
     """:func:`nuclei_from_maps` without the probabilities: labels and each label's type."""
-    labels, nuclei = nuclei_from_maps(maps, mpp, postprocess)
+    labels, nuclei = nuclei_from_maps(maps, card, options, typed=typed)
     return labels, {label: kind for label, (kind, _) in nuclei.items()}
 
 
-def card_postprocess(card: Any) -> dict[str, Any]:
-    """The post-processing options a model's card sets."""
-    return {k: card.postprocess[k] for k in POSTPROCESS_KEYS if k in card.postprocess}
+def option_keys(card: ModelCard) -> tuple[str, ...]:
+    """The post-processing options of the card's family (what a setting may override)."""
+    return tuple(type(card.options).KEYS)
+
+
+def card_postprocess(card: ModelCard) -> dict[str, Any]:
+    """The post-processing options the card sets, as it wrote them (JSON-ready)."""
+    return {k: card.postprocess[k] for k in option_keys(card) if k in card.postprocess}
 
 
 def predict_instances(
-    model: Any, image: NDArray[np.uint8], mpp: float
+    model: Model, image: NDArray[np.uint8], mpp: float
 ) -> tuple[NDArray[np.int32], dict[int, int]]:
-    """Nuclei of one RGB image at ``mpp`` µm/px, with the card's post-processing: a label map at
-    the image's size, and types."""
+    """Nuclei of one RGB image at ``mpp`` µm/px, as a job with the card's options finds them: a
+    label map at the image's size, and types."""
     maps = predict_image_maps(model, image, mpp)
-    return instances_from_maps(maps, model.card.mpp, card_postprocess(model.card))
+    return instances_from_maps(maps, model.card, job_options(model.card), typed=model.typed)
 
 
 def evaluate_model(
@@ -170,10 +183,22 @@ def evaluate_model(
                              progress=progress)[0]
 
 
+def _check_settings(card: ModelCard, settings: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """Each setting as the card's typed options with it applied (ValueError for unknown keys or
+    values the family refuses)."""
+    keys = option_keys(card)
+    for setting in settings:
+        unknown = set(setting) - set(keys)
+        if unknown:
+            raise ValueError(f"unknown post-processing option(s) {sorted(unknown)}; known: {keys}")
+    base = job_options(card)
+    return [dataclasses.replace(base, **setting) for setting in settings]
+
+
 def sweep_postprocess(
     model_path: str | Path,
     data: str | Path,
-    settings: Sequence[Mapping[str, float]],
+    settings: Sequence[Mapping[str, Any]],
     *,
     only: Sequence[str] = (),
     mpp: float | None = None,
@@ -182,22 +207,17 @@ def sweep_postprocess(
 ) -> list[dict[str, Any]]:
     """Score a model under several post-processing settings, running the network once per image.
 
-    Each setting overrides the card's options (``np_threshold``, ``marker_threshold``,
-    ``upsample``); ``{}`` keeps the card's. Returns one :func:`evaluate_model`-style result per
-    setting, in order: the way to choose a model's post-processing on held-out images of one's own.
+    Each setting overrides some of the card's options (for a hover model ``np_threshold``,
+    ``marker_threshold``, ``upsample``); ``{}`` keeps the card's. Returns one
+    :func:`evaluate_model`-style result per setting, in order: the way to choose a model's
+    post-processing on held-out images of one's own.
     """
     from tqdm import tqdm
 
-    from worker.infer import load_model
-
-    for setting in settings:
-        unknown = set(setting) - set(POSTPROCESS_KEYS)
-        if unknown:
-            raise ValueError(
-                f"unknown post-processing option(s) {sorted(unknown)}; known: {POSTPROCESS_KEYS}"
-            )
     model = load_model(model_path, device=device)  # type: ignore[arg-type]
-    card_classes = tuple(c.name.lower() for c in model.card.classes)
+    card = model.card
+    options = _check_settings(card, settings)
+    card_classes = tuple(c.name.lower() for c in card.classes)
     images = [im for im in read_labelled(data, mpp=mpp) if not only or im.name.startswith(tuple(only))]
     if not images:
         raise ValueError(f"{data}: no images{' match ' + ', '.join(only) if only else ''}")
@@ -213,24 +233,23 @@ def sweep_postprocess(
             "data classes %s differ from the model's %s: scoring without classes", data_classes, card_classes
         )
         typed = False
-    options = [{**card_postprocess(model.card), **setting} for setting in settings]
     pairs: list[list[tuple]] = [[] for _ in options]
     for im in tqdm(images, disable=not progress, desc=Path(data).name):
         maps = predict_image_maps(model, im.image, im.mpp)
         for found, option in zip(pairs, options, strict=True):
-            labels, types = instances_from_maps(maps, model.card.mpp, option)
+            labels, types = instances_from_maps(maps, card, option, typed=model.typed)
             found.append((labels, types if typed else None, im.inst, im.types if typed else None))
     return [
         {
             "model": str(model_path),
             "data": str(data),
-            "postprocess": option,
+            "postprocess": {**card_postprocess(card), **setting},
             **evaluate_dataset(
                 found,
                 radius=radius_for_mpp(images[0].mpp),
-                class_names=[c.name for c in model.card.classes] if typed else None,
+                class_names=[c.name for c in card.classes] if typed else None,
                 image_names=[im.name for im in images],
             ),
         }
-        for found, option in zip(pairs, options, strict=True)
+        for found, setting in zip(pairs, settings, strict=True)
     ]
