@@ -265,7 +265,10 @@ class _OurStages:
     """Times the watershed and measurement halves of ``hover_instances`` by wrapping the two
     module functions it calls (when they exist under these names)."""
 
-    NAMES: ClassVar[dict[str, str]] = {"_instance_labels": "labels", "_measure": "measure"}
+    # The frozen baseline defines the private names; today's worker.postprocess imports the public
+    # ``instance_labels`` (worker.watershed) and ``measure`` (worker.instances).
+    NAMES: ClassVar[dict[str, str]] = {"_instance_labels": "labels", "_measure": "measure",
+                                       "instance_labels": "labels", "measure": "measure"}
 
     def __init__(self, module: Any) -> None:
         self.seconds: dict[str, float] = {}
@@ -604,13 +607,13 @@ def _json_default(value: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def _options(module: Any, factor: int) -> Any:
     """The hover options of ``module``: today's code takes them from the model families, the
     frozen reference still defines its own."""
     from models.families import HoverOptions
 
     return getattr(module, "PostprocessOptions", HoverOptions)(upsample=factor)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,14 +1,20 @@
-"""Pixel-edge outlines: the boundary of a mask's pixel squares, turning corners only."""
+"""Pixel-edge outlines: the boundary of a mask's pixel squares, turning corners only.
+
+The batched tracer (every nucleus of a label image at once) must give exactly the rings of the
+per-crop tracer it replaced, kept in ``tests/worker/_contours_reference.py``.
+"""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
 import pytest
-import shapely  # type: ignore[import-untyped]
+import shapely
+from numpy.typing import NDArray
 from scipy import ndimage
 
-from worker.contours import PINCH_CUT, pixel_edge_ring, ring_area
+from tests.worker._contours_reference import reference_ring
+from worker.contours import PINCH_CUT, Rings, pixel_edge_ring, pixel_edge_rings, ring_area
 
 
 def test_one_pixel_is_its_square() -> None:
@@ -92,3 +98,101 @@ def test_bad_masks_are_refused() -> None:
         pixel_edge_ring(np.ones((2, 2, 2), np.uint8))
     with pytest.raises(ValueError, match="no foreground"):
         pixel_edge_ring(np.zeros((3, 3), np.uint8))
+
+
+# --------------------------------------------------------------------------- all nuclei at once
+
+
+def _rings_of(labels: NDArray[np.integer]) -> tuple[list[tuple[slice, slice]], Rings]:
+    """Every label's box and the batched rings of a label image (labels 1..n, all present)."""
+    boxes = ndimage.find_objects(labels)
+    flat = np.flatnonzero(labels)
+    owner = labels.ravel()[flat].astype(np.intp) - 1
+    corner = np.array([(b[0].start, b[1].start) for b in boxes])
+    shape = np.array([(b[0].stop - b[0].start, b[1].stop - b[1].start) for b in boxes])
+    rows, cols = np.divmod(flat, labels.shape[1])
+    rings = pixel_edge_rings(rows - corner[owner, 0], cols - corner[owner, 1], owner, shape)
+    return boxes, rings
+
+
+def _assert_rings_are_the_per_crop_rings(labels: NDArray[np.integer]) -> int:
+    boxes, rings = _rings_of(labels)
+    assert len(rings) == len(boxes)
+    for k, box in enumerate(boxes):
+        expected = reference_ring(labels[box] == k + 1)
+        got = rings[k]
+        assert got.dtype == expected.dtype == np.float32
+        # Vertex for vertex: same start, same direction, same chamfers.
+        np.testing.assert_array_equal(got, expected, err_msg=f"label {k + 1}")
+    return len(boxes)
+
+
+def _random_labels(rng: np.random.Generator, size: int, count: int) -> NDArray[np.int32]:
+    """``count`` labels painted over each other as random speckles of random density: pinches,
+    holes, 1-px arms, pieces touching at a corner, several pieces (often of equal size)."""
+    labels = np.zeros((size, size), np.int32)
+    for label in range(1, count + 1):
+        h, w = rng.integers(1, 16, 2)
+        y, x = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+        speckle = rng.random((h, w)) < rng.uniform(0.15, 0.95)
+        if not speckle.any():
+            speckle[rng.integers(h), rng.integers(w)] = True
+        labels[y:y + h, x:x + w][speckle] = label
+    # Labels painted over completely vanish: renumber the survivors 1..n.
+    present = np.unique(labels[labels > 0])
+    lut = np.zeros(count + 1, np.int32)
+    lut[present] = np.arange(1, present.size + 1)
+    return lut[labels]
+
+
+def test_batched_rings_are_the_per_crop_rings_on_thousands_of_random_masks() -> None:
+    rng = np.random.default_rng(15)
+    masks = sum(_assert_rings_are_the_per_crop_rings(_random_labels(rng, 48, 12))
+                for _ in range(250))
+    assert masks > 2000
+
+
+def test_batched_rings_split_into_several_images_are_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import worker.contours
+
+    rng = np.random.default_rng(16)
+    labels = [_random_labels(rng, 64, 30) for _ in range(20)]
+    monkeypatch.setattr(worker.contours, "ATLAS_CELLS", 600)  # a few grids per image
+    assert sum(_assert_rings_are_the_per_crop_rings(lab) for lab in labels) > 400
+
+
+def test_batched_rings_of_hand_made_shapes() -> None:
+    labels = np.zeros((24, 40), np.int32)
+    labels[1:3, 1:3] = labels[3:5, 3:5] = 1  # two blocks touching at a corner
+    labels[1:8, 8:15] = 2
+    labels[4, 11] = 0  # a hole
+    labels[1:8, 17] = 3
+    labels[7, 17:23] = 3  # 1-px arms
+    labels[10, 1] = labels[10, 3] = 4  # two equal pieces: the first found is kept
+    labels[12:17, 8:13] = 5
+    labels[13:16, 9:12] = 0
+    labels[14, 10] = 5  # a piece inside its own hole
+    labels[12, 20] = labels[13, 21] = labels[12, 22] = labels[13, 23] = 6  # a zigzag of pinches
+    labels[18:20, 30:39] = 7
+    labels[19, 30:39:2] = 0  # a comb
+    assert _assert_rings_are_the_per_crop_rings(labels) == 7
+    rings = _rings_of(labels)[1]
+    assert shapely.Polygon(rings[0]).area == pytest.approx(8 + PINCH_CUT**2)
+    assert shapely.Polygon(rings[5]).area == pytest.approx(4 + 3 * PINCH_CUT**2)
+
+
+def test_no_masks_give_no_rings() -> None:
+    empty = np.zeros(0, np.intp)
+    rings = pixel_edge_rings(empty, empty, empty, np.zeros((0, 2), np.intp))
+    assert len(rings) == 0 and rings.vertices.shape == (0, 2)
+
+
+def test_one_mask_ring_is_the_reference_ring_on_random_masks() -> None:
+    rng = np.random.default_rng(17)
+    for _ in range(1000):
+        h, w = rng.integers(1, 16, 2)
+        mask = rng.random((h, w)) < rng.uniform(0.2, 0.95)
+        if mask.any():
+            np.testing.assert_array_equal(pixel_edge_ring(mask), reference_ring(mask))

@@ -17,13 +17,14 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-import shapely  # type: ignore[import-untyped]
+import shapely
 from numpy.typing import NDArray
 from scipy import ndimage
 from skimage.measure import regionprops
 from skimage.segmentation import watershed
 
 from models.families import HoverOptions
+from tests.worker._contours_reference import reference_eccentricity, reference_measure
 from tests.worker._official_reference import reference_instances, target_maps
 from worker.nuclei import Nucleus
 from worker.postprocess import (
@@ -276,7 +277,8 @@ def test_upsampled_maps_trace_outlines_finer_than_the_model_grid() -> None:
     inst, type_map = draw_nuclei(seed=6)
     prob, hv = target_maps(inst)
     half = (inst.shape[1] // 2, inst.shape[0] // 2)
-    coarse_prob = cv2.resize(prob.astype(np.float32), half, interpolation=cv2.INTER_AREA)
+    coarse_prob = np.asarray(cv2.resize(prob.astype(np.float32), half,
+                                        interpolation=cv2.INTER_AREA), np.float32)
     coarse_hv = np.stack([cv2.resize(c.astype(np.float32), half, interpolation=cv2.INTER_AREA) for c in hv])
     coarse_types = type_map[::2, ::2].astype(np.uint8)
 
@@ -583,6 +585,71 @@ def test_component_watershed_equals_the_whole_map_watershed_on_smooth_maps(drawn
     assert paths["cropped"] > 10
 
 
+def _per_nucleus(np_prob: NDArray, hv: NDArray, types: NDArray, *, mpp: float,
+                 factor: int) -> HoverInstances:
+    """``segment_maps`` as it was before the batched measurement: one crop, one
+    ``cv2.findContours`` and one ``cv2.moments`` per nucleus (tests/worker/_contours_reference.py)."""
+    import worker.postprocess
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(worker.postprocess, "measure", reference_measure)
+        return segment_maps(np_prob, hv, types, mpp=mpp, options=HoverOptions(upsample=factor))
+
+
+def assert_same_records(ours: HoverInstances, before: HoverInstances) -> None:
+    """Same labels and, nucleus by nucleus, every field equal with the same type (contours:
+    same dtype, same vertices in the same order)."""
+    np.testing.assert_array_equal(ours.labels, before.labels)
+    assert len(ours.nuclei) == len(before.nuclei)
+    for a, b in zip(ours.nuclei, before.nuclei, strict=True):
+        for name in Nucleus.__dataclass_fields__:
+            x, y = getattr(a, name), getattr(b, name)
+            if isinstance(y, np.ndarray):
+                assert x.dtype == y.dtype, (a.label, name)
+                np.testing.assert_array_equal(x, y, err_msg=f"nucleus {a.label} {name}")
+            else:
+                assert type(x) is type(y) and x == y, (a.label, name, x, y)
+
+
+def test_records_are_identical_to_the_per_nucleus_measurement_on_drawn_maps(drawn: tuple) -> None:
+    _, type_map, np_prob, hv = drawn
+    for mpp, factor in ((0.25, 1), (0.5, 2)):
+        ours = segment_maps(np_prob, hv, type_map, mpp=mpp, options=HoverOptions(upsample=factor))
+        assert len(ours) > 50
+        assert_same_records(ours, _per_nucleus(np_prob, hv, type_map, mpp=mpp, factor=factor))
+
+
+def test_batched_moments_and_eccentricity_are_the_per_crop_values_bit_for_bit() -> None:
+    from worker.instances import _eccentricity, _moments
+
+    rng = np.random.default_rng(21)
+    labels = np.zeros((300, 300), np.int32)
+    for label in range(1, 400):
+        y, x = rng.integers(0, 290, 2)
+        h, w = rng.integers(1, 11, 2)
+        labels[y:y + h, x:x + w][rng.random((h, w)) < 0.7] = label
+    boxes = ndimage.find_objects(labels)
+    present = [k for k, box in enumerate(boxes) if box is not None]
+    flat = np.flatnonzero(labels)
+    owner = np.searchsorted(np.array(present) + 1, labels.ravel()[flat])
+    corner = np.array([(boxes[k][0].start, boxes[k][1].start) for k in present])
+    rows, cols = np.divmod(flat, labels.shape[1])
+    area = np.bincount(owner).astype(np.float64)
+    m10, m01, mu20, mu11, mu02 = _moments(cols - corner[owner, 1], rows - corner[owner, 0],
+                                          owner, area)
+    for i, k in enumerate(present):
+        expected = cv2.moments((labels[boxes[k]] == k + 1).view(np.uint8), binaryImage=True)
+        got = (m10[i], m01[i], mu20[i], mu11[i], mu02[i])
+        assert got == tuple(expected[name] for name in ("m10", "m01", "mu20", "mu11", "mu02"))
+    # The formula on its own, over moments of every scale (Python's ** is not numpy's square).
+    mu = rng.uniform(-1, 1, (3, 100_000)) * 10.0 ** rng.uniform(-3, 6, (3, 100_000))
+    mu[0], mu[2] = np.abs(mu[0]), np.abs(mu[2])
+    pixels = rng.integers(1, 5000, 100_000).astype(np.float64)
+    got_ecc = _eccentricity(mu[0], mu[1], mu[2], pixels).tolist()
+    assert got_ecc == [reference_eccentricity(*v) for v in zip(*mu.tolist(), pixels.tolist(),
+                                                                strict=True)]
+
+
 @pytest.mark.slow
 def test_labels_are_identical_to_the_baseline_on_generated_maps(tmp_path: Path) -> None:
     import _postprocess_reference as baseline  # the frozen pre-issue-15 code
@@ -599,6 +666,7 @@ def test_labels_are_identical_to_the_baseline_on_generated_maps(tmp_path: Path) 
                   maps.types[::2, ::2])
         for (np_prob, hv, types), mpp, factor in (((maps.np_prob, maps.hv, maps.types), 0.25, 1),
                                                   (coarse, 0.5, 2), (coarse, 0.5, 1)):
+            np_prob = np.asarray(np_prob, np.float32)
             ours = segment_maps(np_prob, hv, types, mpp=mpp, options=HoverOptions(upsample=factor))
             theirs = baseline.segment_maps(np_prob, hv, types, mpp=mpp,
                                            options=baseline.PostprocessOptions(upsample=factor))
@@ -606,6 +674,7 @@ def test_labels_are_identical_to_the_baseline_on_generated_maps(tmp_path: Path) 
             np.testing.assert_array_equal(ours.labels, theirs.labels, err_msg=f"{size} {mpp} x{factor}")
             assert [n.type for n in ours.nuclei] == [n.type for n in theirs.nuclei]
             assert [n.bbox for n in ours.nuclei] == [n.bbox for n in theirs.nuclei]
+            assert_same_records(ours, _per_nucleus(np_prob, hv, types, mpp=mpp, factor=factor))
             cases += 1
     assert cases == 9
 
@@ -625,6 +694,7 @@ def test_labels_are_identical_to_the_baseline_on_real_model_maps(tmp_path: Path)
         assert len(ours) > 20
         np.testing.assert_array_equal(ours.labels, theirs.labels, err_msg=f"x{factor}")
         assert [n.type for n in ours.nuclei] == [n.type for n in theirs.nuclei]
+        assert_same_records(ours, _per_nucleus(np_prob, hv, types, mpp=mpp, factor=factor))
 
 
 def test_written_out_flood_is_scikit_images_when_markers_do_not_tie() -> None:
