@@ -52,6 +52,8 @@ class RegionMaps:
 
     box: Box
     arrays: Mapping[str, NDArray]
+    patches: int = 0
+    """Network patches run to make these maps (tiles without tissue are not run)."""
 
     def __getitem__(self, name: str) -> NDArray:
         return self.arrays[name]
@@ -188,4 +190,4 @@ def predict_maps(
             r, c = t.row0 - maps_box.row0, t.col0 - maps_box.col0
             for name, tile in model.runner.tile_maps(result, i).items():
                 out.arrays[name][..., r : r + size, c : c + size] = tile
-    return out
+    return RegionMaps(out.box, out.arrays, len(tiles))

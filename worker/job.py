@@ -148,6 +148,8 @@ class RegionResult:
     read_s: float = 0.0
     infer_s: float = 0.0
     postprocess_s: float = 0.0
+    patches: int = 0
+    """Network patches inferred for this region (its halo's included)."""
 
     @property
     def seconds(self) -> float:

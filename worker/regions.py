@@ -120,7 +120,7 @@ def process_region(plan: SlidePlan, region: Region, model: Model) -> RegionResul
     infer_s = time.perf_counter() - start
     table, post_s = postprocess_region(maps, region, plan, model.card,
                                        _maps_pixels(image, plan.margin), model.typed)
-    return RegionResult(region.index, table, read_s, infer_s, post_s)
+    return RegionResult(region.index, table, read_s, infer_s, post_s, maps.patches)
 
 
 # --------------------------------------------------------------------------- shared maps
@@ -234,7 +234,7 @@ def iterate_regions(plan: SlidePlan, model: Model, executor: Executor, *, prefet
     """Yield each region's result, in plan order, as post-processing finishes; reads run
     ``prefetch`` ahead and at most ``max_pending`` post-processings wait."""
     reads: deque[tuple[Region, Future]] = deque()
-    posts: deque[tuple[Region, float, float, Future]] = deque()
+    posts: deque[tuple[Region, float, float, int, Future]] = deque()
     todo = iter(plan.regions)
     shared: dict[Future, _SharedMaps] = {}
 
@@ -246,13 +246,13 @@ def iterate_regions(plan: SlidePlan, model: Model, executor: Executor, *, prefet
             reads.append((region, executor.submit(read_region, plan, region)))
 
     def collect() -> RegionResult:
-        region, read_s, infer_s, future = posts.popleft()
+        region, read_s, infer_s, patches, future = posts.popleft()
         try:
             table, post_s = future.result()
         finally:
             if future in shared:
                 shared.pop(future).release()
-        return RegionResult(region.index, table, read_s, infer_s, post_s)
+        return RegionResult(region.index, table, read_s, infer_s, post_s, patches)
 
     refill()
     try:
@@ -277,9 +277,9 @@ def iterate_regions(plan: SlidePlan, model: Model, executor: Executor, *, prefet
                 future = executor.submit(_postprocess_shared, block.name, region.maps,
                                          model.map_specs, region, plan, model.card, model.typed)
                 shared[future] = block
-            posts.append((region, read_s, infer_s, future))
+            posts.append((region, read_s, infer_s, maps.patches, future))
             del maps, pixels
-            while len(posts) > max_pending or (posts and posts[0][3].done()):
+            while len(posts) > max_pending or (posts and posts[0][4].done()):
                 yield collect()
         while posts:
             yield collect()

@@ -23,7 +23,7 @@ from worker.job import JobOutputs, RegionResult, SlideIdentity, SlidePlan, Timin
 from worker.merge import resolve_seams
 from worker.nuclei import NucleusTable
 from worker.options import InferenceOptions
-from worker.plan import Box, plan_regions
+from worker.plan import Box, plan_regions, tile_boxes
 from worker.read import model_grid
 from worker.regions import process_region
 from worker.stain import StainVectors
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from worker.slide import Overview, Slide
     from worker.tissue import TissueMask
 
-__all__ = ["class_counts", "finish", "prepare", "process_region"]
+__all__ = ["class_counts", "covering_patches", "finish", "prepare", "process_region"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,9 +166,19 @@ def class_counts(table: NucleusTable, card: ModelCard) -> dict[str, int]:
     return {**named, UNCLASSIFIED_NAME: len(table) - sum(named.values())}
 
 
+def covering_patches(plan: SlidePlan, tile: int) -> int:
+    """The fewest network patches that cover the plan's tissue: output tiles of the slide-wide
+    grid over the analysed area whose input reaches tissue (what an inference that ran every
+    patch once would run)."""
+    area = plan.area
+    aligned = Box(area.row0 // tile * tile, area.col0 // tile * tile,
+                  -(-area.row1 // tile) * tile, -(-area.col1 // tile) * tile)
+    return sum(1 for t in tile_boxes(aligned, tile=tile) if plan.tile_wanted(t))
+
+
 def finish(
     plan: SlidePlan,
-    results: Iterable[RegionResult | NucleusTable],
+    results: Iterable[RegionResult],
     *,
     fs: Any,
     root: str,
@@ -183,7 +193,9 @@ def finish(
     """
     from worker.writers import write_all
 
-    tables = [r.table if isinstance(r, RegionResult) else r for r in results]
+    results = list(results)
+    tables = [r.table for r in results]
+    inferred, minimum = sum(r.patches for r in results), covering_patches(plan, card.output_size)
     start = time.perf_counter()
     table = resolve_seams(NucleusTable.concat(tables), plan.regions, plan.grid)
     merged = time.perf_counter()
@@ -193,7 +205,9 @@ def finish(
         thumbnail=plan.thumbnail, thumbnail_downsample=plan.thumbnail_downsample,
         tissue_area_mm2=plan.tissue_area_mm2,
         parameters={**parameters, "regions": len(plan.regions), "model_grid_mpp": plan.grid.mpp,
-                    "pyramid_level": plan.grid.level, "stain_vectors": plan.stains.to_dict()},
+                    "pyramid_level": plan.grid.level, "stain_vectors": plan.stains.to_dict(),
+                    "patches": {"inferred": inferred, "covering_minimum": minimum,
+                                "ratio": round(inferred / minimum, 4) if minimum else None}},
         timings=timings.to_dict(),
     )
     timings = timings.with_(write=time.perf_counter() - merged)

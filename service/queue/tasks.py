@@ -24,7 +24,7 @@ from service.errors import ServiceError, error_code
 from service.jobs import JobError, JobRecord, JobState, transition
 from service.settings import Settings
 from service.store import Store, load_table, save_table
-from worker.job import SlidePlan
+from worker.job import RegionResult, SlidePlan
 from worker.options import InferenceOptions
 
 __all__ = [
@@ -192,7 +192,7 @@ def run_region(job_id: str, index: int) -> int:
     _, model_path = ctx.catalog.resolve(record.model)
     result = process_region(plan, region, _model(model_path, ctx))
     table, seconds = result.table, result.seconds
-    data = save_table(table, worker=ctx.worker_name, seconds=seconds)
+    data = save_table(table, worker=ctx.worker_name, seconds=seconds, patches=result.patches)
     ctx.store.write_region(job_id, index, data, len(table))
     if cleanup_cancelled(job_id, ctx):
         return -1
@@ -217,7 +217,7 @@ def finalize_job(job_id: str) -> list[str]:
     seconds = 0.0
     for region in plan.regions:
         table, meta = load_table(ctx.store.read_region(job_id, region.index))
-        tables.append(table)
+        tables.append(RegionResult(region.index, table, patches=int(meta.get("patches", 0))))
         workers[str(region.index)] = str(meta.get("worker", "?"))
         seconds += float(meta.get("seconds", 0.0))
     _, model_path = ctx.catalog.resolve(record.model)
