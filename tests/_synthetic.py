@@ -166,3 +166,85 @@ def write_tiff(path: Path, rgb: np.ndarray, *, mpp: float, tile: int = 256, leve
             image = cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2),
                                interpolation=cv2.INTER_AREA)
     return path
+
+
+def boundary_card(*, input_size: int = 144, output_size: int = 128, mpp: float = 0.25) -> ModelCard:
+    """The card of :func:`build_boundary_oracle`: family ``boundary``, the oracle's classes."""
+    return ModelCard(
+        name="boundary-oracle", family="boundary", architecture="oracle", input_size=input_size,
+        output_size=output_size, mpp=mpp, classes=CLASSES, licence="test fixture",
+    )
+
+
+def encode_boundary_slide(inst: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """RGB uint8 image for the boundary oracle: red the class level as in :func:`encode_slide`,
+    green 255 on each nucleus' one-pixel inner boundary (what TSFD-Net's boundary head learns),
+    blue 0."""
+    from scipy import ndimage
+
+    rgb = np.zeros((*inst.shape, 3), np.uint8)
+    rgb[..., 0] = np.asarray(CLASS_LEVELS, np.float32)[classes[inst]].astype(np.uint8)
+    # A pixel is on the boundary when a 4-neighbour belongs to another label (or background).
+    eroded = ndimage.grey_erosion(inst, footprint=ndimage.generate_binary_structure(2, 1),
+                                  mode="constant", cval=0)
+    dilated = ndimage.grey_dilation(inst, footprint=ndimage.generate_binary_structure(2, 1),
+                                    mode="constant", cval=0)
+    rgb[..., 1] = np.where((inst > 0) & ((eroded != inst) | (dilated != inst)), 255, 0)
+    return rgb
+
+
+def build_boundary_oracle(path: Path, card: ModelCard | None = None) -> Path:
+    """Write an ONNX model of the ``boundary`` contract that decodes
+    :func:`encode_boundary_slide`'s image: ``sem_prob`` (softmax over the class levels of red)
+    and ``boundary_prob`` (green / 255), centre-cropped by the card's margin."""
+    card = card or boundary_card()
+    m, size = card.margin, card.input_size
+    const = helper.make_tensor
+
+    def ints(name: str, values: list[int]) -> onnx.NodeProto:
+        tensor = const(name, TensorProto.INT64, [len(values)], values)
+        return helper.make_node("Constant", [], [name], value=tensor)
+
+    def scalar(name: str, value: float) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], value=const(name, TensorProto.FLOAT, [], [value]))
+
+    nodes = [
+        ints("starts", [m, m]), ints("ends", [size - m, size - m]), ints("axes", [2, 3]),
+        helper.make_node("Slice", ["image", "starts", "ends", "axes"], ["crop"]),
+        ints("c0", [0]), ints("c1", [1]), ints("c2", [2]), ints("ch_axis", [1]),
+        helper.make_node("Slice", ["crop", "c0", "c1", "ch_axis"], ["red"]),
+        helper.make_node("Slice", ["crop", "c1", "c2", "ch_axis"], ["green"]),
+        scalar("k255", 255.0), scalar("k15", 15.0),
+        helper.make_node("Div", ["green", "k255"], ["boundary_prob"]),
+    ]
+    scores = []
+    for k, level in enumerate(CLASS_LEVELS):
+        nodes += [
+            scalar(f"lvl{k}", level),
+            helper.make_node("Sub", ["red", f"lvl{k}"], [f"d{k}"]),
+            helper.make_node("Div", [f"d{k}", "k15"], [f"z{k}"]),
+            helper.make_node("Mul", [f"z{k}", f"z{k}"], [f"zz{k}"]),
+            helper.make_node("Neg", [f"zz{k}"], [f"s{k}"]),
+        ]
+        scores.append(f"s{k}")
+    nodes += [
+        helper.make_node("Concat", scores, ["logits"], axis=1),
+        helper.make_node("Softmax", ["logits"], ["sem_prob"], axis=1),
+    ]
+    out = card.output_size
+    graph = helper.make_graph(
+        nodes, "boundary-oracle",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
+        [
+            helper.make_tensor_value_info("sem_prob", TensorProto.FLOAT, ["N", 3, out, out]),
+            helper.make_tensor_value_info("boundary_prob", TensorProto.FLOAT, ["N", 1, out, out]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for key, value in card_metadata(card).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
