@@ -342,6 +342,21 @@ def render(pp: dict[str, Any] | None, e2e: dict[str, Any] | None, facts: dict[st
     return "\n".join(lines)
 
 
+def _sections(text: str) -> list[tuple[str, str]]:
+    """The ``## `` sections of a markdown document: (heading line, whole section text)."""
+    parts = text.split("\n## ")
+    return [(("## " + part).split("\n", 1)[0], "## " + part.rstrip("\n")) for part in parts[1:]]
+
+
+def keep_other_sections(rendered: str, previous: str) -> str:
+    """``rendered`` plus the sections of ``previous`` it does not render itself (those other
+    scripts append: the post-processing baseline, the simulated accelerator, the GPU table), in
+    their old order."""
+    own = {heading for heading, _ in _sections(rendered)}
+    others = [body for heading, body in _sections(previous) if heading not in own]
+    return "\n\n".join([rendered.rstrip("\n"), *others]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -354,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     recorded = (docs["postprocess"] or docs["end_to_end"] or {}).get("machine")
     facts = recorded or machine_facts()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(docs["postprocess"], docs["end_to_end"], facts, docs["service_load"]))
+    text = render(docs["postprocess"], docs["end_to_end"], facts, docs["service_load"])
+    if args.out.is_file():
+        text = keep_other_sections(text, args.out.read_text())
+    args.out.write_text(text)
     print(f"wrote {args.out}")
     return 0
 

@@ -310,3 +310,13 @@ def test_report_says_when_only_cpu_time_meets_the_goal() -> None:
     entry.update(postprocess.speed_summary([0.3], [0.2], 4096, 10, tia_cpu=[0.45], our_cpu=[0.15]))
     text = report.render(results, None, report.machine_facts())
     assert "met at every size in CPU time; in wall time it is missed at 64²" in text
+
+
+def test_report_keeps_the_sections_other_scripts_appended() -> None:
+    rendered = "# Benchmarks\n\nintro\n\n## Post-processing\n\nnew table\n"
+    previous = ("# Benchmarks\n\nold intro\n\n## Post-processing\n\nold table\n\n"
+                "## GPU\n\nnot measured\n\n## Simulated accelerator\n\nits table\n")
+    text = report.keep_other_sections(rendered, previous)
+    assert "new table" in text and "old table" not in text and "old intro" not in text
+    assert text.index("## GPU") < text.index("## Simulated accelerator")
+    assert text.endswith("its table\n") and "not measured" in text
