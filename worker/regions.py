@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from models.card import ModelCard
 from worker.families import MapSpec, job_options, runner_for
 from worker.infer import Model, RegionMaps, predict_maps
 from worker.job import RegionResult, SlidePlan
@@ -72,7 +73,7 @@ def _maps_pixels(image: NDArray[np.uint8], margin: int) -> NDArray[np.uint8]:
 
 
 def postprocess_region(
-    maps: RegionMaps, region: Region, plan: SlidePlan, card: Any, rgb: NDArray[np.uint8] | None,
+    maps: RegionMaps, region: Region, plan: SlidePlan, card: ModelCard, rgb: NDArray[np.uint8] | None,
     typed: bool,
 ) -> tuple[NucleusTable, float]:
     """Instances of one region's maps as the card's family segments them, reduced to those the
@@ -167,7 +168,7 @@ def _views(buf: memoryview | None, box: Box, specs: tuple[MapSpec, ...]
 
 
 def _postprocess_shared(name: str, box: Box, specs: tuple[MapSpec, ...], region: Region,
-                        plan: SlidePlan, card: Any, typed: bool) -> tuple[NucleusTable, float]:
+                        plan: SlidePlan, card: ModelCard, typed: bool) -> tuple[NucleusTable, float]:
     """:func:`postprocess_region` on maps living in the shared-memory block ``name``."""
     from multiprocessing import shared_memory
 
