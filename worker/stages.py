@@ -75,15 +75,6 @@ def _core_size(card: ModelCard, options: InferenceOptions, halo: int) -> int:
     return max(tile, ((options.region_size + 2 * halo) // factor - 2 * halo) // tile * tile)
 
 
-def _mask_area_mm2(mask: TissueMask, roi0: Box, mpp: float) -> float:
-    y, x = mask.origin  # the mask's level-0 corner
-    d = mask.downsample
-    r0, c0 = max(0, math.floor((roi0.row0 - y) / d)), max(0, math.floor((roi0.col0 - x) / d))
-    r1, c1 = math.ceil((roi0.row1 - y) / d), math.ceil((roi0.col1 - x) / d)
-    pixels = int(mask.mask[r0:r1, c0:c1].sum())
-    return pixels * (d * mpp / 1000.0) ** 2
-
-
 def _slide_stains(image: NDArray[np.uint8], mask: TissueMask | None) -> StainVectors:
     """The slide's stain vectors, estimated on the tissue of its planning overview ``image``
     (QuPath's H&E defaults when estimation fails)."""
@@ -140,7 +131,7 @@ def prepare(slide_path: str | Path, card: ModelCard, options: InferenceOptions, 
         regions = plan_regions(area, tile=card.output_size, region_size=_core_size(card, options, halo),
                                halo=halo, keep=keep)
         tissue_mm2 = (roi0.area * (slide.mpp / 1000.0) ** 2 if mask is None
-                      else _mask_area_mm2(mask, roi0, slide.mpp))
+                      else mask.area_mm2_in(roi0, slide.mpp))
         stains = _slide_stains(overview.image if detail is None else detail.image, mask)
         plan = SlidePlan(
             slide_path=slide_path, mpp_override=options.mpp,

@@ -259,19 +259,22 @@ class TissueMask:
             f"area_fraction={self.area_fraction:.3f})"
         )
 
-    def any_in(self, row0: float, col0: float, row1: float, col1: float) -> bool:
-        """Whether any tissue lies in the half-open level-0 box [row0, row1) × [col0, col1)."""
-        if row1 <= row0 or col1 <= col0:
-            return False
+    def _window(self, row0: float, col0: float, row1: float, col1: float) -> NDArray[np.bool_]:
+        """The mask pixels that the half-open level-0 box [row0, row1) × [col0, col1) touches
+        (empty when it touches none)."""
         d = self.downsample
         height, width = self.mask.shape
         row0, row1 = row0 - self.origin[0], row1 - self.origin[0]
         col0, col1 = col0 - self.origin[1], col1 - self.origin[1]
         r0, c0 = max(0, math.floor(row0 / d)), max(0, math.floor(col0 / d))
         r1, c1 = min(height, math.ceil(row1 / d)), min(width, math.ceil(col1 / d))
-        if r1 <= r0 or c1 <= c0:
+        return self.mask[r0:max(r0, r1), c0:max(c0, c1)]
+
+    def any_in(self, row0: float, col0: float, row1: float, col1: float) -> bool:
+        """Whether any tissue lies in the half-open level-0 box [row0, row1) × [col0, col1)."""
+        if row1 <= row0 or col1 <= col0:
             return False
-        return bool(self.mask[r0:r1, c0:c1].any())
+        return bool(self._window(row0, col0, row1, col1).any())
 
     def tissue_in(self, level0: Box) -> bool:
         """Whether any tissue lies in a level-0 :class:`~worker.plan.Box` (the planner's
@@ -289,6 +292,11 @@ class TissueMask:
             raise ValueError(f"mpp must be a positive number, got {mpp}")
         pixel_mm = self.downsample * mpp / 1000.0
         return float(self.mask.sum()) * pixel_mm * pixel_mm
+
+    def area_mm2_in(self, level0: Box, mpp: float) -> float:
+        """Tissue area in mm² of the mask pixels a level-0 box touches (the analysed ROI's)."""
+        pixels = int(self._window(level0.row0, level0.col0, level0.row1, level0.col1).sum())
+        return pixels * (self.downsample * mpp / 1000.0) ** 2
 
 
 def tissue_mask_for(
