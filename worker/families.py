@@ -65,6 +65,10 @@ class FamilyRunner(Protocol):
         """The maps a region keeps, for a graph with these ``outputs``."""
         ...
 
+    def typed(self, card: ModelCard, outputs: Sequence[str]) -> bool:
+        """Whether nuclei get classes from a graph with these ``outputs``."""
+        ...
+
     def tile_maps(self, result: Mapping[str, NDArray[np.float32]], i: int) -> dict[str, NDArray]:
         """Patch ``i`` of a batch ``result`` as tiles of each map (``(lead…, s, s)`` arrays)."""
         ...
@@ -101,6 +105,9 @@ class HoverRunner:
         # The per-pixel class is all post-processing reads of tp_prob: one byte instead of C floats.
         return (*specs, MapSpec("types", (), np.dtype(np.uint8))) if "tp_prob" in outputs else specs
 
+    def typed(self, card: ModelCard, outputs: Sequence[str]) -> bool:
+        return "tp_prob" in outputs  # the optional type head
+
     def tile_maps(self, result: Mapping[str, NDArray[np.float32]], i: int) -> dict[str, NDArray]:
         tiles: dict[str, NDArray] = {"np_prob": result["np_prob"][i, 0], "hv": result["hv"][i]}
         if "tp_prob" in result:
@@ -133,6 +140,9 @@ class BoundaryRunner:
         channels = max(2, len(card.classes))
         return (MapSpec("sem_prob", (channels,), np.dtype(np.float32)),
                 MapSpec("boundary_prob", (), np.dtype(np.float32)))
+
+    def typed(self, card: ModelCard, outputs: Sequence[str]) -> bool:
+        return card.typed  # the semantic channels are the card's classes
 
     def tile_maps(self, result: Mapping[str, NDArray[np.float32]], i: int) -> dict[str, NDArray]:
         return {"sem_prob": result["sem_prob"][i], "boundary_prob": result["boundary_prob"][i, 0]}

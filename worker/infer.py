@@ -81,7 +81,7 @@ class Model:
         except ValueError as exc:
             raise InferenceError(f"model {path}: {exc}") from exc
         self.map_specs = self.runner.map_specs(card, self.outputs)
-        self.typed = card.typed if card.family != "hover" else "tp_prob" in self.outputs
+        self.typed = self.runner.typed(card, self.outputs)
 
     def __repr__(self) -> str:
         return f"Model({self.card.name!r}, providers={self.session.get_providers()})"
