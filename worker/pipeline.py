@@ -7,6 +7,7 @@ post-processing on a process pool, inference in this process.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,6 +93,5 @@ def run_slide(
         postprocess=sum(r.postprocess_s for r in results))
     outputs = finish(plan, results, fs=fs, root=root, card=model.card,
                      parameters=options.parameters(), timings=timings)
-    outputs = JobOutputs(outputs.table, outputs.outputs, outputs.counts,
-                         outputs.timings.with_(total=time.perf_counter() - t0))
+    outputs = dataclasses.replace(outputs, timings=outputs.timings.with_(total=time.perf_counter() - t0))
     return RunResult(plan, model.card, outputs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def test_the_json_is_the_documented_format_and_the_arrays_need_no_pickle(plan: S
     assert record["format"] == "hoverserve.plan" and record["version"] == VERSION
     assert record["slide"]["name"] == CMU1.name and record["objects"] == "cells"
     assert len(record["regions"]) == len(plan.regions) and len(record["regions"][0]) == 9
-    with np.load(__import__("io").BytesIO(plan_npz), allow_pickle=False) as arrays:
+    with np.load(io.BytesIO(plan_npz), allow_pickle=False) as arrays:
         assert set(arrays.files) == {"thumbnail", "tissue_mask", "hematoxylin", "eosin", "background"}
 
 
