@@ -91,54 +91,43 @@ def oracle_card(*, input_size: int = 272, output_size: int = 256, mpp: float = 0
     )
 
 
-def build_oracle(path: Path, card: ModelCard | None = None) -> Path:
-    """Write the decoding ONNX model (centre crop by the card's margin) to ``path``."""
-    card = card or oracle_card()
-    m, size = card.margin, card.input_size
-    const = helper.make_tensor
+def _ints(name: str, values: list[int]) -> onnx.NodeProto:
+    tensor = helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
+    return helper.make_node("Constant", [], [name], value=tensor)
 
-    def ints(name: str, values: list[int]) -> onnx.NodeProto:
-        tensor = const(name, TensorProto.INT64, [len(values)], values)
-        return helper.make_node("Constant", [], [name], value=tensor)
 
-    def scalar(name: str, value: float) -> onnx.NodeProto:
-        return helper.make_node("Constant", [], [name], value=const(name, TensorProto.FLOAT, [], [value]))
+def _scalar(name: str, value: float) -> onnx.NodeProto:
+    tensor = helper.make_tensor(name, TensorProto.FLOAT, [], [value])
+    return helper.make_node("Constant", [], [name], value=tensor)
 
-    nodes = [
-        ints("starts", [m, m]), ints("ends", [size - m, size - m]), ints("axes", [2, 3]),
-        helper.make_node("Slice", ["image", "starts", "ends", "axes"], ["crop"]),
-        ints("c0", [0]), ints("c1", [1]), ints("c3", [3]), ints("ch_axis", [1]),
-        helper.make_node("Slice", ["crop", "c0", "c1", "ch_axis"], ["red"]),
-        helper.make_node("Slice", ["crop", "c1", "c3", "ch_axis"], ["greenblue"]),
-        scalar("k255", 255.0), scalar("k127", 127.5), scalar("one", 1.0), scalar("k15", 15.0),
-        helper.make_node("Div", ["red", "k255"], ["red01"]),
-        helper.make_node("Sub", ["one", "red01"], ["np_prob"]),
-        helper.make_node("Div", ["greenblue", "k127"], ["gb"]),
-        helper.make_node("Sub", ["gb", "one"], ["hv"]),
-    ]
-    scores = []
+
+def _class_softmax(red: str, output: str) -> list[onnx.NodeProto]:
+    """Nodes turning the red channel ``red`` into a softmax ``output`` over :data:`CLASS_LEVELS`
+    (a Gaussian score around each level; needs the constant ``k15``)."""
+    nodes, scores = [], []
     for k, level in enumerate(CLASS_LEVELS):
         nodes += [
-            scalar(f"lvl{k}", level),
-            helper.make_node("Sub", ["red", f"lvl{k}"], [f"d{k}"]),
+            _scalar(f"lvl{k}", level),
+            helper.make_node("Sub", [red, f"lvl{k}"], [f"d{k}"]),
             helper.make_node("Div", [f"d{k}", "k15"], [f"z{k}"]),
             helper.make_node("Mul", [f"z{k}", f"z{k}"], [f"zz{k}"]),
             helper.make_node("Neg", [f"zz{k}"], [f"s{k}"]),
         ]
         scores.append(f"s{k}")
-    nodes += [
-        helper.make_node("Concat", scores, ["logits"], axis=1),
-        helper.make_node("Softmax", ["logits"], ["tp_prob"], axis=1),
-    ]
-    out = card.output_size
+    return [*nodes, helper.make_node("Concat", scores, ["logits"], axis=1),
+            helper.make_node("Softmax", ["logits"], [output], axis=1)]
+
+
+def _save_model(path: Path, nodes: list[onnx.NodeProto], card: ModelCard,
+                outputs: list[tuple[str, int]]) -> Path:
+    """Check and write a graph from ``image`` (N×3×input) to ``outputs`` (name, channels; each
+    N×C×output), ``card`` embedded."""
+    size, out = card.input_size, card.output_size
     graph = helper.make_graph(
-        nodes, "oracle",
+        nodes, card.name,
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
-        [
-            helper.make_tensor_value_info("np_prob", TensorProto.FLOAT, ["N", 1, out, out]),
-            helper.make_tensor_value_info("hv", TensorProto.FLOAT, ["N", 2, out, out]),
-            helper.make_tensor_value_info("tp_prob", TensorProto.FLOAT, ["N", 3, out, out]),
-        ],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", channels, out, out])
+         for name, channels in outputs],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -148,6 +137,26 @@ def build_oracle(path: Path, card: ModelCard | None = None) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+def build_oracle(path: Path, card: ModelCard | None = None) -> Path:
+    """Write the decoding ONNX model (centre crop by the card's margin) to ``path``."""
+    card = card or oracle_card()
+    m, size = card.margin, card.input_size
+    nodes = [
+        _ints("starts", [m, m]), _ints("ends", [size - m, size - m]), _ints("axes", [2, 3]),
+        helper.make_node("Slice", ["image", "starts", "ends", "axes"], ["crop"]),
+        _ints("c0", [0]), _ints("c1", [1]), _ints("c3", [3]), _ints("ch_axis", [1]),
+        helper.make_node("Slice", ["crop", "c0", "c1", "ch_axis"], ["red"]),
+        helper.make_node("Slice", ["crop", "c1", "c3", "ch_axis"], ["greenblue"]),
+        _scalar("k255", 255.0), _scalar("k127", 127.5), _scalar("one", 1.0), _scalar("k15", 15.0),
+        helper.make_node("Div", ["red", "k255"], ["red01"]),
+        helper.make_node("Sub", ["one", "red01"], ["np_prob"]),
+        helper.make_node("Div", ["greenblue", "k127"], ["gb"]),
+        helper.make_node("Sub", ["gb", "one"], ["hv"]),
+        *_class_softmax("red", "tp_prob"),
+    ]
+    return _save_model(path, nodes, card, [("np_prob", 1), ("hv", 2), ("tp_prob", 3)])
 
 
 def write_tiff(path: Path, rgb: np.ndarray, *, mpp: float, tile: int = 256, levels: int = 1) -> Path:
@@ -199,52 +208,14 @@ def build_boundary_oracle(path: Path, card: ModelCard | None = None) -> Path:
     and ``boundary_prob`` (green / 255), centre-cropped by the card's margin."""
     card = card or boundary_card()
     m, size = card.margin, card.input_size
-    const = helper.make_tensor
-
-    def ints(name: str, values: list[int]) -> onnx.NodeProto:
-        tensor = const(name, TensorProto.INT64, [len(values)], values)
-        return helper.make_node("Constant", [], [name], value=tensor)
-
-    def scalar(name: str, value: float) -> onnx.NodeProto:
-        return helper.make_node("Constant", [], [name], value=const(name, TensorProto.FLOAT, [], [value]))
-
     nodes = [
-        ints("starts", [m, m]), ints("ends", [size - m, size - m]), ints("axes", [2, 3]),
+        _ints("starts", [m, m]), _ints("ends", [size - m, size - m]), _ints("axes", [2, 3]),
         helper.make_node("Slice", ["image", "starts", "ends", "axes"], ["crop"]),
-        ints("c0", [0]), ints("c1", [1]), ints("c2", [2]), ints("ch_axis", [1]),
+        _ints("c0", [0]), _ints("c1", [1]), _ints("c2", [2]), _ints("ch_axis", [1]),
         helper.make_node("Slice", ["crop", "c0", "c1", "ch_axis"], ["red"]),
         helper.make_node("Slice", ["crop", "c1", "c2", "ch_axis"], ["green"]),
-        scalar("k255", 255.0), scalar("k15", 15.0),
+        _scalar("k255", 255.0), _scalar("k15", 15.0),
         helper.make_node("Div", ["green", "k255"], ["boundary_prob"]),
+        *_class_softmax("red", "sem_prob"),
     ]
-    scores = []
-    for k, level in enumerate(CLASS_LEVELS):
-        nodes += [
-            scalar(f"lvl{k}", level),
-            helper.make_node("Sub", ["red", f"lvl{k}"], [f"d{k}"]),
-            helper.make_node("Div", [f"d{k}", "k15"], [f"z{k}"]),
-            helper.make_node("Mul", [f"z{k}", f"z{k}"], [f"zz{k}"]),
-            helper.make_node("Neg", [f"zz{k}"], [f"s{k}"]),
-        ]
-        scores.append(f"s{k}")
-    nodes += [
-        helper.make_node("Concat", scores, ["logits"], axis=1),
-        helper.make_node("Softmax", ["logits"], ["sem_prob"], axis=1),
-    ]
-    out = card.output_size
-    graph = helper.make_graph(
-        nodes, "boundary-oracle",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
-        [
-            helper.make_tensor_value_info("sem_prob", TensorProto.FLOAT, ["N", 3, out, out]),
-            helper.make_tensor_value_info("boundary_prob", TensorProto.FLOAT, ["N", 1, out, out]),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    for key, value in card_metadata(card).items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return _save_model(path, nodes, card, [("sem_prob", 3), ("boundary_prob", 1)])
