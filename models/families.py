@@ -58,6 +58,13 @@ class HoverOptions:
     min_class_prob : float
         Nuclei whose (calibrated) class probability is below this are reported unclassified
         (class 0); 0 classifies every nucleus.
+    edge_range : (float, float) or None
+        Fixed normalisation of the edge maps: the Sobel responses of the HV maps (taken on
+        their fixed range [-1, 1] → [0, 1]), as fractions of the kernel's largest possible
+        response, that map to 0 and 1. None is the official algorithm's min-max over each map,
+        which depends on the map's extent: a nucleus near a region seam can then be split
+        differently for another region size. Measured on training maps
+        (``hoverserve model set-postprocess --measure-edge-range``).
     """
 
     np_threshold: float = 0.5
@@ -65,9 +72,10 @@ class HoverOptions:
     upsample: int = 1
     class_prob_calibration: tuple[tuple[float, float], ...] = ()
     min_class_prob: float = 0.0
+    edge_range: tuple[float, float] | None = None
 
     KEYS: ClassVar[tuple[str, ...]] = ("np_threshold", "marker_threshold", "upsample",
-                                       "class_prob_calibration", "min_class_prob")
+                                       "class_prob_calibration", "min_class_prob", "edge_range")
 
     def __post_init__(self) -> None:
         for name in ("np_threshold", "marker_threshold"):
@@ -80,6 +88,7 @@ class HoverOptions:
         if not _finite_number(self.min_class_prob) or not 0 <= self.min_class_prob <= 1:
             raise ValueError(f"min_class_prob must be within 0..1, got {self.min_class_prob!r}")
         _check_calibration(self.class_prob_calibration)
+        _check_edge_range(self.edge_range)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> HoverOptions:
@@ -92,6 +101,12 @@ class HoverOptions:
             except (TypeError, ValueError) as exc:
                 raise ValueError("class_prob_calibration must be a list of [vote, probability] pairs") \
                     from exc
+        if found.get("edge_range") is not None:
+            try:
+                lo, hi = found["edge_range"]
+                found["edge_range"] = (float(lo), float(hi))
+            except (TypeError, ValueError) as exc:
+                raise ValueError("edge_range must be null or a pair [low, high]") from exc
         return cls(**found)
 
     @property
@@ -118,6 +133,15 @@ def _check_calibration(points: tuple[tuple[float, float], ...]) -> None:
             or not rising or not monotone:
         raise ValueError("class_prob_calibration wants >= 2 points (vote, probability) within 0..1, "
                          "votes increasing and probabilities non-decreasing")
+
+
+def _check_edge_range(edge_range: tuple[float, float] | None) -> None:
+    if edge_range is None:
+        return
+    lo, hi = edge_range
+    if not (_finite_number(lo) and _finite_number(hi) and -1.0 <= lo < hi <= 1.0):
+        raise ValueError(f"edge_range must be null or [low, high] with -1 <= low < high <= 1, "
+                         f"got {list(edge_range)!r}")
 
 
 def _check_threshold(name: str, value: object) -> float:

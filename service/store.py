@@ -9,6 +9,7 @@ Layout under the store's root (a local directory or ``s3://bucket/prefix``)::
     jobs/<id>/plan.json, plan.npz    the planned slide (worker.plan_io's documented format)
     jobs/<id>/regions/<index>.npz    one region's nuclei (written atomically: retries are idempotent)
     jobs/<id>/done/<index>.<nuclei>  progress markers (one cheap listing gives regions and nuclei)
+    jobs/<id>/tiles/<row>_<col>.npz  network tiles regions share, until their last region is done
     jobs/<id>/results/...            the outputs served by the API
     owners/<owner digest>/<created ms>-<id>   empty: one owner's jobs, listed without reading records
     owners/complete                  marker: every record has its entry (written by build_owner_index)
@@ -324,7 +325,7 @@ class Store:
 
     def delete_job_data(self, job_id: str) -> None:
         """Remove a job's regions, plan and results (the record stays)."""
-        for part in ("regions", "done", "plan.json", "plan.npz", "results"):
+        for part in ("regions", "done", "tiles", "plan.json", "plan.npz", "results"):
             self.delete(self._job_key(job_id, part))
 
     def delete_job(self, record: JobRecord) -> None:

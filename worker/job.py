@@ -129,6 +129,10 @@ class SlidePlan:
         return self.tissue is None or self.tissue.tissue_in(level0)
 
     def tile_wanted(self, tile: Box) -> bool:
+        """Whether the network runs on this output tile: it lies on the slide (a tile beyond
+        its edge would see only padding) and its input reaches tissue."""
+        if tile.intersect(Box(0, 0, *self.grid.shape)) is None:
+            return False
         return self.tissue_in(self.grid.to_level0(tile.grow(self.margin)))
 
     def region(self, index: int) -> Region:

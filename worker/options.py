@@ -116,6 +116,10 @@ class InferenceOptions:
     cell_expansion_um: float = DEFAULT_EXPANSION_UM
     min_class_prob: float | None = None
     """Leave nuclei whose class probability is below this unclassified (None: the card's)."""
+    trt_cache: Path | None = None
+    """Folder where TensorRT keeps the engines it builds (None: rebuilt every start, minutes)."""
+    trt_fp16: bool = False
+    """Let TensorRT use float16 kernels for a float32 model (an fp16 model's card asks for them)."""
 
     def __post_init__(self) -> None:
         if self.mpp is not None:
@@ -147,4 +151,6 @@ class InferenceOptions:
             "workers": self.workers, "device": self.device, "tissue": str(self.tissue),
             "halo_um": self.halo_um, "objects": self.objects,
             "cell_expansion_um": self.cell_expansion_um, "min_class_prob": self.min_class_prob,
+            "trt_cache": str(self.trt_cache) if self.trt_cache is not None else None,
+            "trt_fp16": self.trt_fp16,
         }

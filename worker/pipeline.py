@@ -8,10 +8,13 @@ post-processing on a process pool, inference in this process.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import fsspec
 
 from models.card import ModelCard
 from worker.infer import load_model
@@ -20,6 +23,7 @@ from worker.nuclei import NucleusTable
 from worker.options import InferenceOptions
 from worker.regions import Executor, close_cached, iterate_regions
 from worker.stages import class_counts, finish, prepare
+from worker.tile_cache import TileCache
 
 __all__ = ["InferenceOptions", "RunResult", "class_counts", "run_slide"]
 
@@ -64,7 +68,8 @@ def run_slide(
     after each region.
     """
     t0 = time.perf_counter()
-    model = load_model(options.model, device=options.device, batch_size=options.batch_size)
+    model = load_model(options.model, device=options.device, batch_size=options.batch_size,
+                       trt_cache=options.trt_cache, trt_fp16=options.trt_fp16)
     loaded = time.perf_counter()
     plan = prepare(slide_path, model.card, options)
     timings = Timings(load_model=loaded - t0, plan=plan.plan_seconds)
@@ -74,12 +79,16 @@ def run_slide(
     results: list[RegionResult] = []
     nuclei = 0
     start = time.perf_counter()
+    # Tiles regions share wait on local disk for their last user: memory stays per region.
+    scratch = tempfile.TemporaryDirectory(prefix="hoverserve-tiles-")
     try:
+        cache = TileCache(fsspec.filesystem("file"), scratch.name)
         # One region read ahead and one post-processing behind per pair of workers keeps every
         # stage busy while bounding the regions in memory to a handful.
         ahead = max(1, options.workers // 2)
         for done, result in enumerate(
-                iterate_regions(plan, model, executor, prefetch=ahead, max_pending=ahead), start=1):
+                iterate_regions(plan, model, executor, prefetch=ahead, max_pending=ahead,
+                                cache=cache), start=1):
             results.append(result)
             nuclei += len(result.table)
             if on_region is not None:
@@ -87,6 +96,7 @@ def run_slide(
     finally:
         executor.close()
         close_cached()  # in-process runs (workers=0) opened the slide here
+        scratch.cleanup()
     timings = timings.with_(
         regions_wall=time.perf_counter() - start,
         read=sum(r.read_s for r in results), infer=sum(r.infer_s for r in results),

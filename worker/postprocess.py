@@ -177,7 +177,8 @@ def segment_maps(
     factor = options.upsample
     np_prob, hv, types = upsample_maps(np_prob, hv, types, factor)
     result = hover_instances(np_prob, hv, types, mpp=mpp / factor, np_threshold=options.np_threshold,
-                             marker_threshold=options.marker_threshold)
+                             marker_threshold=options.marker_threshold,
+                             edge_range=options.edge_range)
     return apply_class_options(result, options) if types is not None else result
 
 
@@ -225,6 +226,7 @@ def hover_instances(
     marker_threshold: float = 0.4,
     min_size: int | None = None,
     sobel_ksize: int | None = None,
+    edge_range: tuple[float, float] | None = None,
 ) -> HoverInstances:
     """Segment and measure nuclei from HoVer-Net outputs (official post-processing).
 
@@ -248,6 +250,9 @@ def hover_instances(
         Smallest foreground component and marker kept, pixels; default from ``mpp``.
     sobel_ksize : int, optional
         Odd Sobel aperture (3..31); default from ``mpp``.
+    edge_range : (float, float), optional
+        Fixed edge-map normalisation (:class:`HoverOptions` ``edge_range``); None, the official
+        per-map min-max.
 
     Returns
     -------
@@ -282,11 +287,14 @@ def hover_instances(
         )
     type_arr = check_types(types, np_arr.shape)
     constants = _options(mpp, min_size, sobel_ksize, np_threshold, marker_threshold)
+    if edge_range is not None:
+        HoverOptions(edge_range=edge_range)  # checks the range like a card's
 
     np32 = as_float32(np_arr)
     labels, n = instance_labels(
         np32, as_float32(hv_arr), np_threshold=np_threshold, marker_threshold=marker_threshold,
         sobel_ksize=constants.sobel_ksize, min_size=constants.min_size, opening=constants.opening,
+        edge_range=edge_range,
     )
     nuclei = measure(labels, n, np32, type_arr) if n else []
     logger.debug("hover_instances: %d nuclei in a %s map (%s)", n, labels.shape, constants)

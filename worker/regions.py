@@ -29,6 +29,7 @@ from worker.merge import region_table, reported
 from worker.nuclei import NucleusTable
 from worker.plan import Box, Region
 from worker.read import read_model_box
+from worker.tile_cache import TileCache, TileUsers
 
 __all__ = ["Executor", "exit_with_parent", "iterate_regions", "postprocess_region", "process_region",
            "read_region"]
@@ -112,12 +113,18 @@ def _measure(table: NucleusTable, label_map: NDArray[np.int32], labels: NDArray[
     )
 
 
-def process_region(plan: SlidePlan, region: Region, model: Model) -> RegionResult:
-    """Read, infer and post-process one region in this process (a queue task's unit of work)."""
+def process_region(plan: SlidePlan, region: Region, model: Model, *,
+                   tiles: tuple[TileCache, TileUsers] | None = None) -> RegionResult:
+    """Read, infer and post-process one region in this process (a queue task's unit of work).
+
+    ``tiles``: a cache of the tiles regions share and which those are; tiles found there are
+    not run again, shared tiles run here are stored for the others."""
     image, read_s = read_region(plan, region)
     start = time.perf_counter()
+    cache, users = tiles if tiles is not None else (None, None)
     maps = predict_maps(model, image, region.maps.grow(plan.margin), region.maps,
-                        tile_wanted=plan.tile_wanted)
+                        tile_wanted=plan.tile_wanted, cache=cache,
+                        shared=users.shared if users is not None else None)
     infer_s = time.perf_counter() - start
     table, post_s = postprocess_region(maps, region, plan, model.card,
                                        _maps_pixels(image, plan.margin), model.typed)
@@ -231,9 +238,14 @@ class Executor:
 
 
 def iterate_regions(plan: SlidePlan, model: Model, executor: Executor, *, prefetch: int,
-                    max_pending: int) -> Iterator[RegionResult]:
+                    max_pending: int, cache: TileCache | None = None) -> Iterator[RegionResult]:
     """Yield each region's result, in plan order, as post-processing finishes; reads run
-    ``prefetch`` ahead and at most ``max_pending`` post-processings wait."""
+    ``prefetch`` ahead and at most ``max_pending`` post-processings wait.
+
+    With a ``cache``, every tile is run once: a tile several regions need is stored when first
+    run and read by the others, and dropped as soon as the last of them has its maps."""
+    users = TileUsers.of(plan.regions, model.card.output_size) if cache is not None else None
+    inferred: set[int] = set()
     reads: deque[tuple[Region, Future]] = deque()
     posts: deque[tuple[Region, float, float, int, Future]] = deque()
     todo = iter(plan.regions)
@@ -265,7 +277,11 @@ def iterate_regions(plan: SlidePlan, model: Model, executor: Executor, *, prefet
             block = _SharedMaps(region.maps, model.map_specs) if executor.pool is not None else None
             maps = predict_maps(model, image, region.maps.grow(plan.margin), region.maps,
                                 tile_wanted=plan.tile_wanted,
-                                out=block.maps() if block is not None else None)
+                                out=block.maps() if block is not None else None, cache=cache,
+                                shared=users.shared if users is not None else None)
+            if cache is not None and users is not None:
+                inferred.add(region.index)
+                cache.discard(users.finished(region, model.card.output_size, inferred))
             infer_s = time.perf_counter() - start
             pixels = _maps_pixels(image, plan.margin)
             if block is not None:

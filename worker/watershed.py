@@ -41,7 +41,8 @@ import numpy as np
 from numpy.typing import NDArray
 from skimage.segmentation import watershed
 
-__all__ = ["Components", "component_watershed", "foreground_components", "instance_labels"]
+__all__ = ["Components", "component_watershed", "edge_response", "foreground_components", "hv_unit",
+           "instance_labels", "sobel_gain"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,17 +106,55 @@ def _minmax32(image: NDArray) -> NDArray[np.float32]:
     return out
 
 
-def _overall(hv: NDArray[np.float32], fg: NDArray[np.bool_], ksize: int) -> NDArray[np.float32]:
-    """``max(1 - minmax(sobel_h), 1 - minmax(sobel_v))`` on the foreground, 0 elsewhere.
+def _overall(hv: NDArray[np.float32], fg: NDArray[np.bool_], ksize: int,
+             edge_range: tuple[float, float] | None = None) -> NDArray[np.float32]:
+    """``max(1 - norm(sobel_h), 1 - norm(sobel_v))`` on the foreground, 0 elsewhere.
 
-    Whole-map passes: the min-max normalisations are over every pixel of the map."""
-    overall = _minmax32(cv2.Sobel(_minmax32(hv[0]), cv2.CV_64F, 1, 0, ksize=ksize))
-    edges_v = _minmax32(cv2.Sobel(_minmax32(hv[1]), cv2.CV_64F, 0, 1, ksize=ksize))
+    ``edge_range`` None is the official normalisation: min-max over every pixel of this map,
+    so the result depends on what else the map holds (a region's extent moves it). A range
+    ``(lo, hi)`` instead maps the HV channels from their fixed [-1, 1] to [0, 1] and the Sobel
+    responses, as fractions of the kernel's largest possible response, from ``[lo, hi]`` to
+    [0, 1] (clipped): every pixel then depends on its neighbourhood alone."""
+    if edge_range is None:
+        overall = _minmax32(cv2.Sobel(_minmax32(hv[0]), cv2.CV_64F, 1, 0, ksize=ksize))
+        edges_v = _minmax32(cv2.Sobel(_minmax32(hv[1]), cv2.CV_64F, 0, 1, ksize=ksize))
+    else:
+        overall = _fixed_edges(hv[0], 1, 0, ksize, edge_range)
+        edges_v = _fixed_edges(hv[1], 0, 1, ksize, edge_range)
     # max(1 - a, 1 - b) == 1 - min(a, b), exactly, in float32.
     np.minimum(overall, edges_v, out=overall)
     np.subtract(np.float32(1.0), overall, out=overall)
     np.multiply(overall, fg, out=overall)
     return overall
+
+
+def sobel_gain(ksize: int) -> float:
+    """The largest response OpenCV's Sobel first derivative of aperture ``ksize`` can give on
+    an image within [0, 1]: the sum of its kernel's positive taps."""
+    deriv, smooth = cv2.getDerivKernels(1, 0, ksize)
+    return float(np.clip(deriv, 0, None).sum() * smooth.sum())
+
+
+def hv_unit(channel: NDArray[np.floating]) -> NDArray[np.float32]:
+    """An HV channel mapped from its fixed range [-1, 1] to [0, 1] (clipped)."""
+    out = np.asarray(channel, np.float32) + np.float32(1.0)
+    np.multiply(out, np.float32(0.5), out=out)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def edge_response(channel: NDArray[np.floating], dx: int, dy: int, ksize: int) -> NDArray[np.float64]:
+    """Sobel of one HV channel on the fixed scale, as a fraction of the kernel's gain."""
+    response = np.asarray(cv2.Sobel(hv_unit(channel), cv2.CV_64F, dx, dy, ksize=ksize), np.float64)
+    return np.divide(response, sobel_gain(ksize), out=response)
+
+
+def _fixed_edges(channel: NDArray[np.float32], dx: int, dy: int, ksize: int,
+                 edge_range: tuple[float, float]) -> NDArray[np.float32]:
+    lo, hi = edge_range
+    response = edge_response(channel, dx, dy, ksize)
+    response -= lo
+    response /= hi - lo
+    return np.clip(response, 0.0, 1.0).astype(np.float32)
 
 
 def _energy(overall: NDArray[np.float32], fg: NDArray[np.bool_]) -> NDArray[np.float64]:
@@ -408,6 +447,7 @@ def instance_labels(
     sobel_ksize: int,
     min_size: int,
     opening: int,
+    edge_range: tuple[float, float] | None = None,
 ) -> tuple[NDArray[np.int32], int]:
     """Official ``__proc_np_hv`` on validated float32 maps: labels 1..n (in the order of the
     official marker ids) and n.
@@ -422,6 +462,9 @@ def instance_labels(
         Foreground threshold and the edge strength excluded from markers.
     sobel_ksize, min_size, opening : int
         The size constants (see ``worker.postprocess.scaled_constants``).
+    edge_range : (float, float), optional
+        A fixed normalisation of the edge maps (see :func:`_overall`); None is the official
+        per-map min-max.
 
     Returns
     -------
@@ -433,7 +476,7 @@ def instance_labels(
     fg, components = foreground_components(np_prob, np_threshold, min_size)
     if not components.kept.any():
         return np.zeros(fg.shape, np.int32), 0
-    overall = _overall(hv, fg, sobel_ksize)
+    overall = _overall(hv, fg, sobel_ksize, edge_range)
     energy = _energy(overall, fg)
     markers = _markers(overall, fg, marker_threshold, opening, min_size)
     del overall

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from models.families import MAX_UPSAMPLE
+from models.precision import PROBABILITY_TOLERANCE
 from service.cli import _args, model_eval
 from service.cli._errors import UsageError
 
@@ -48,6 +49,10 @@ def _cmd_model_set_postprocess(args: argparse.Namespace) -> int:
     source = _args.model_file(args.model)
     card = read_card(source)
     asked = {k: v for k, v in _args.postprocess_args(args).items() if v is not None}
+    if args.official_edges:
+        asked["edge_range"] = None
+    elif args.measure_edge_range:
+        asked["edge_range"] = list(_measured_edge_range(source, args.measure_edge_range))
     postprocess = {**card.postprocess, **asked}
     try:
         HoverOptions.from_mapping(postprocess)
@@ -60,6 +65,17 @@ def _cmd_model_set_postprocess(args: argparse.Namespace) -> int:
     replace_card(source, args.output, card.model_copy(update=update))
     print(f"wrote {args.output}: {card.name}, post-processing {json.dumps(postprocess)}")
     return 0
+
+
+def _measured_edge_range(model: Path, data: list[str]) -> tuple[float, float]:
+    from worker.evaluation.edges import measure_edge_range
+    from worker.infer import load_model
+
+    try:
+        low, high = measure_edge_range(load_model(model, device="cpu"), data)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    return round(low, 4), round(high, 4)
 
 
 def _cmd_model_refit_types(args: argparse.Namespace) -> int:
@@ -91,6 +107,28 @@ def _cmd_model_export(args: argparse.Namespace) -> int:
                           card_from=args.card_from)
     print(f"wrote {args.output}: {card.name} ({card.architecture}, "
           f"test-time augmentation: {card.test_time_augmentation})")
+    return 0
+
+
+def _read_rgb(path: str) -> Any:
+    """An image file as (H, W, 3) uint8 RGB; UsageError if it is not one."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise UsageError(f"--image {path}: not a readable image ({exc})") from exc
+
+
+def _cmd_model_fp16(args: argparse.Namespace) -> int:
+    from worker.variant_check import write_fp16_variant
+
+    source = _args.model_file(args.model)
+    check = write_fp16_variant(source, args.output, _read_rgb(args.image), args.image_mpp,
+                               device=args.device, prob_tolerance=args.tolerance)
+    print(f"wrote {args.output}: fp16 variant of {source.name}; check {check.summary()}")
     return 0
 
 
@@ -168,6 +206,23 @@ def _add_export(msub: _args.Subparsers) -> None:
     p.set_defaults(func=_cmd_model_export)
 
 
+def _add_fp16(msub: _args.Subparsers) -> None:
+    p = msub.add_parser("fp16", help="a float16 copy of a model, written only if it finds the nuclei "
+                                     "the float32 model finds")
+    p.add_argument("model", help="ONNX model file or bundled model name (float32)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--image", required=True,
+                   help="real H&E image (PNG/JPEG/TIFF) with nuclei to check the variant on")
+    p.add_argument("--image-mpp", type=_args.mpp, metavar="MPP",
+                   help="the image's µm per pixel (default: the model's)")
+    p.add_argument("--tolerance", type=_args.probability, default=PROBABILITY_TOLERANCE, metavar="P",
+                   help="largest difference of a probability on the reference batch "
+                        f"(default {PROBABILITY_TOLERANCE:g})")
+    p.add_argument("--device", choices=_args.DEVICES, default="cpu",
+                   help="where the check runs (default cpu; cuda checks the GPU's float16 kernels)")
+    p.set_defaults(func=_cmd_model_fp16)
+
+
 def _add_set_postprocess(msub: _args.Subparsers) -> None:
     p = msub.add_parser("set-postprocess",
                         help="write a copy of a model with other post-processing options in its card")
@@ -180,6 +235,14 @@ def _add_set_postprocess(msub: _args.Subparsers) -> None:
     p.add_argument("--upsample", type=_args.upsample_factor, metavar="N",
                    help=f"segment on maps upsampled N times (1-{MAX_UPSAMPLE}): finer outlines, "
                         "slower post-processing")
+    edges = p.add_mutually_exclusive_group()
+    edges.add_argument("--edge-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                       help="fixed edge-map normalisation (fractions of the Sobel gain): the same "
+                            "nuclei whatever the region size")
+    edges.add_argument("--measure-edge-range", nargs="+", metavar="DATA",
+                       help="measure --edge-range on these annotated data sets (median extremes)")
+    edges.add_argument("--official-edges", action="store_true",
+                       help="back to the official per-map min-max normalisation")
     p.add_argument("--metrics", metavar="JSON", help="measured metrics to store in the card instead")
     p.set_defaults(func=_cmd_model_set_postprocess)
 
@@ -232,12 +295,13 @@ def _add_info_and_list(msub: _args.Subparsers) -> None:
 
 
 def register(sub: _args.Subparsers) -> None:
-    """Add ``model import|export|set-postprocess|refit-types|calibrate|train|cache-data|info|list|
-    evaluate`` to the ``hoverserve`` parser (in that order, the order of its help)."""
+    """Add ``model import|export|fp16|set-postprocess|refit-types|calibrate|train|cache-data|info|
+    list|evaluate`` to the ``hoverserve`` parser (in that order, the order of its help)."""
     model = sub.add_parser("model", help="import, export, train and inspect models")
     msub = model.add_subparsers(dest="model_command", required=True)
     _add_import(msub)
     _add_export(msub)
+    _add_fp16(msub)
     _add_set_postprocess(msub)
     _add_refit_types(msub)
     model_eval.add_calibrate(msub)

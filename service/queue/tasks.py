@@ -26,6 +26,7 @@ from service.settings import Settings
 from service.store import Store, load_table, save_table
 from worker.job import RegionResult, SlidePlan
 from worker.options import InferenceOptions
+from worker.tile_cache import TileCache, TileUsers
 
 __all__ = [
     "TaskContext",
@@ -55,6 +56,7 @@ class TaskContext:
 _CONTEXT: TaskContext | None = None
 _PLANS: dict[str, SlidePlan] = {}
 _MODELS: dict[tuple[str, float], Any] = {}
+_USERS: dict[tuple[str, int], TileUsers] = {}
 
 
 def set_context(context: TaskContext) -> None:
@@ -78,7 +80,8 @@ def _model(path: Path, ctx: TaskContext):
     if key not in _MODELS:
         _MODELS.clear()
         _MODELS[key] = load_model(path, device=ctx.settings.device,  # type: ignore[arg-type]
-                                  batch_size=ctx.settings.batch_size)
+                                  batch_size=ctx.settings.batch_size,
+                                  trt_cache=ctx.settings.trt_cache, trt_fp16=ctx.settings.trt_fp16)
     return _MODELS[key]
 
 
@@ -94,6 +97,17 @@ def _plan(job_id: str, ctx: TaskContext) -> SlidePlan:
     return _PLANS[job_id]
 
 
+def _tiles(job_id: str, plan: SlidePlan, tile: int, ctx: TaskContext
+           ) -> tuple[TileCache, TileUsers]:
+    """The job's store of the tiles its regions share (``jobs/<id>/tiles/``) and which they are."""
+    key = (job_id, tile)
+    if key not in _USERS:
+        if len(_USERS) > 8:
+            _USERS.clear()
+        _USERS[key] = TileUsers.of(plan.regions, tile)
+    return TileCache(ctx.store.fs, ctx.store.path(ctx.store.job_key(job_id, "tiles"))), _USERS[key]
+
+
 def _options(record: JobRecord, model_path: Path, ctx: TaskContext) -> InferenceOptions:
     opts = record.options
     return InferenceOptions(
@@ -101,7 +115,8 @@ def _options(record: JobRecord, model_path: Path, ctx: TaskContext) -> Inference
         region_size=opts.region_size or ctx.settings.region_size,
         batch_size=ctx.settings.batch_size, workers=0, device=ctx.settings.device,  # type: ignore[arg-type]
         tissue="auto" if opts.tissue_mask else "none", objects=opts.objects,
-        min_class_prob=opts.min_class_prob,
+        min_class_prob=opts.min_class_prob, trt_cache=ctx.settings.trt_cache,
+        trt_fp16=ctx.settings.trt_fp16,
     )
 
 
@@ -190,10 +205,17 @@ def run_region(job_id: str, index: int) -> int:
     plan = _plan(job_id, ctx)
     region = plan.region(index)
     _, model_path = ctx.catalog.resolve(record.model)
-    result = process_region(plan, region, _model(model_path, ctx))
+    model = _model(model_path, ctx)
+    cache, users = _tiles(job_id, plan, model.card.output_size, ctx)
+    result = process_region(plan, region, model, tiles=(cache, users))
     table, seconds = result.table, result.seconds
     data = save_table(table, worker=ctx.worker_name, seconds=seconds, patches=result.patches)
     ctx.store.write_region(job_id, index, data, len(table))
+    # A shared tile goes once every region holding it has its nuclei (a region retried later
+    # finds it gone and infers it again: the cache saves work, it never changes a result).
+    done = {i for i in users.neighbours(region, model.card.output_size)
+            if i == index or ctx.store.has_region(job_id, i)}
+    cache.discard(users.finished(region, model.card.output_size, done))
     if cleanup_cancelled(job_id, ctx):
         return -1
     logger.info("job %s: region %d: %d nuclei in %.2f s on %s", job_id, index, len(table), seconds,
@@ -229,6 +251,7 @@ def finalize_job(job_id: str) -> list[str]:
     root = ctx.store.results_root(job_id)
     done = finish(plan, tables, fs=ctx.store.fs, root=root, card=card, parameters=parameters,
                   timings=Timings(plan=plan.plan_seconds, regions_cpu=seconds))
+    ctx.store.delete(ctx.store.job_key(job_id, "tiles"))  # what retried regions left behind
     _index_nuclei(root, ctx)
     names = sorted(name for name in done.outputs if name != "nuclei.zarr")
 
@@ -271,4 +294,5 @@ def fail_job(job_id: str, exc: BaseException | None, *, reason: str | None = Non
             rec.phase = "done"
 
     ctx.store.update_record(job_id, fail)
+    ctx.store.delete(ctx.store.job_key(job_id, "tiles"))  # only regions of a live job read them
     logger.warning("job %s: failed: %s", job_id, message)

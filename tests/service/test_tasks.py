@@ -182,6 +182,23 @@ def test_finalize_writes_the_results_and_the_job_succeeds(
                                  "Beta": int((classes[1:] == 2).sum())}
 
 
+def test_regions_share_their_halo_tiles_through_the_store_and_none_is_left(
+        store: Store, slide: Path) -> None:
+    job = new_job(store, slide)
+    indices = prepare_job(job) or []
+    assert len(indices) == 4
+    for index in indices:
+        run_region(job, index)
+    assert not any(name.startswith("tiles/") and name.endswith(".npz")
+                   for name in job_files(store, job))  # each tile dropped after its last region
+    finalize_job(job)
+    manifest = json.loads(store.read_bytes(store.result_key(job, "manifest.json")))
+    patches = manifest["parameters"]["patches"]
+    # Every region's maps hold its neighbours' tiles too; each ran once, on the one region
+    # that needed it first.
+    assert patches["inferred"] == patches["covering_minimum"] > 0
+
+
 def test_a_finished_job_takes_no_more_work(store: Store, slide: Path) -> None:
     job = new_job(store, slide)
     for index in prepare_job(job) or []:
