@@ -10,10 +10,14 @@ Run ``python bench/gpu.py OUT_DIR [--wheels DIR] [--hovernet CHECKPOINT]``. In o
    then runs itself again inside it;
 3. checks that ONNX Runtime offers, and really starts, a CUDA or TensorRT provider (exit 4 if not);
 4. builds the 40× test slide (``bench/make_big_slide.py``) unless it exists;
-5. runs ``hoverserve infer SLIDE --device cuda`` for the bundled default model and, given
-   ``--hovernet`` (an official HoVer-Net fast checkpoint, imported here with
+5. runs ``hoverserve infer SLIDE --device cuda --trt-cache DIR`` for the bundled default model
+   and, given ``--hovernet`` (an official HoVer-Net fast checkpoint, imported here with
    ``hoverserve model import``, or an already imported ``.onnx``), for that model too, sampling
-   ``nvidia-smi`` every 0.5 s while each runs;
+   ``nvidia-smi`` every 0.5 s while each runs; with ``--fp16``, also for each model's float16
+   variant (``hoverserve model fp16``, checked against float32 on ``--fp16-image``, on the CPU
+   unless ``--fp16-check-device cuda``; a variant that fails its check is a failed row giving
+   the reason). TensorRT's engines are kept in ``--trt-cache`` (default
+   ``bench/work/trt-cache``), so only the first run builds them;
 6. writes ``OUT_DIR/gpu.json`` and ``OUT_DIR/gpu.md`` (a markdown table); the runs' own outputs
    stay in ``bench/work/gpu/``.
 
@@ -47,6 +51,11 @@ RUNS = WORK / "gpu"
 """Where the runs' outputs and an imported HoVer-Net model go (git-ignored, unlike OUT_DIR)."""
 SAMPLE_SECONDS = 0.5
 """Interval of the nvidia-smi sampling, seconds."""
+TRT_CACHE = WORK / "trt-cache"
+"""Default folder of TensorRT's engines (``hoverserve infer --trt-cache``)."""
+FP16_IMAGE = ROOT.parent / "shared" / "data" / "nuclei" / "tnbc" / "images" / "tnbc_01_1.png"
+FP16_IMAGE_MPP = 0.25
+"""Default image the fp16 variants are checked on (real H&E at 40×, ~90 nuclei)."""
 
 _GPU_QUERY = ("nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits")
 _EXIT_NO_GPU, _EXIT_NO_PROVIDER, _EXIT_SETUP = 3, 4, 5
@@ -55,6 +64,7 @@ __all__ = [
     "GpuSampler",
     "ModelRun",
     "detect_gpu",
+    "fp16_variant",
     "markdown_table",
     "parse_gpu_sample",
     "write_report",
@@ -290,14 +300,31 @@ def _import_hovernet(checkpoint: Path, types: str, work: Path) -> Path:
     return out
 
 
+def fp16_variant(model: Path, image: Path, image_mpp: float, device: str, work: Path) -> Path | str:
+    """``model``'s float16 variant, made and checked by ``hoverserve model fp16`` (kept in
+    ``work``), or why it was not written (its check failed, or the command did)."""
+    out = work / f"{model.stem}-fp16.onnx"
+    if out.is_file():
+        return out
+    work.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([*_hoverserve(), "model", "fp16", str(model), "-o", str(out), "--image",
+                           str(image), "--image-mpp", str(image_mpp), "--device", device],
+                          cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not out.is_file():
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        return f"fp16 variant not made: {lines[-1] if lines else f'exit {done.returncode}'}"
+    return out
+
+
 def _run_model(slide: Path, model: Path, out: Path, extra: Sequence[str], *,
-               device: str = "cuda") -> ModelRun:
+               device: str = "cuda", label: str | None = None) -> ModelRun:
     import end_to_end
 
     with GpuSampler() as sampler:
         run = end_to_end.run_slide(end_to_end.Slide(slide), model, out,
                                    extra=["--device", device, *extra])
-    result = ModelRun(model=run.model_name or model.stem, returncode=run.returncode,
+    name = run.model_name or model.stem
+    result = ModelRun(model=f"{name} {label}" if label else name, returncode=run.returncode,
                       wall_s=run.wall_s, peak_rss_mb=run.peak_rss_mb, error=run.error,
                       timings=run.timings, nuclei=run.nuclei, tissue_mm2=run.tissue_mm2)
     summary = sampler.summary()
@@ -341,11 +368,20 @@ def _benchmark(args: argparse.Namespace, gpus: list[str]) -> dict[str, Any]:
     if args.hovernet is not None:
         models.append(_import_hovernet(args.hovernet, args.hovernet_types, RUNS / "models"))
     runs = []
+    extra = [*(["--trt-cache", str(args.trt_cache)] if args.device == "cuda" else []), *args.extra]
     for path in models:
-        print(f"running {path.name} on {slide_path.name}…", file=sys.stderr)
-        runs.append(asdict(_run_model(slide_path, path.resolve(), RUNS / path.stem,
-                                      args.extra,
-                                      device=args.device)))
+        variants: list[tuple[Path | str, str | None]] = [(path, None)]
+        if args.fp16:
+            variants.append((fp16_variant(path, args.fp16_image, args.fp16_image_mpp,
+                                          args.fp16_check_device, RUNS / "models"), "fp16"))
+        for variant, label in variants:
+            if isinstance(variant, str):  # the variant failed its check: a failed row says why
+                runs.append(asdict(ModelRun(model=f"{path.stem} fp16", returncode=1, wall_s=0.0,
+                                            error=variant)))
+                continue
+            print(f"running {variant.name} on {slide_path.name}…", file=sys.stderr)
+            runs.append(asdict(_run_model(slide_path, variant.resolve(), RUNS / variant.stem, extra,
+                                          device=args.device, label=label)))
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "gpus": gpus,
@@ -374,6 +410,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: a dry run of the script (still needs nvidia-smi)")
     parser.add_argument("--hovernet-types", default="pannuke", help="--types for model import")
+    parser.add_argument("--trt-cache", type=Path, default=TRT_CACHE,
+                        help=f"TensorRT engine folder, kept between runs (default {TRT_CACHE})")
+    parser.add_argument("--fp16", action="store_true",
+                        help="also run each model's float16 variant (made by hoverserve model fp16)")
+    parser.add_argument("--fp16-image", type=Path, default=FP16_IMAGE,
+                        help="real H&E image the fp16 variants are checked on")
+    parser.add_argument("--fp16-image-mpp", type=float, default=FP16_IMAGE_MPP,
+                        help=f"its µm per pixel (default {FP16_IMAGE_MPP})")
+    parser.add_argument("--fp16-check-device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the fp16 check runs (cuda: the GPU's own float16 kernels, "
+                             "and TensorRT builds engines for the check first)")
     parser.epilog = "Options after -- go to hoverserve infer (e.g. -- --batch-size 64)."
     return parser
 

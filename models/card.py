@@ -16,18 +16,25 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
 from models.errors import ModelCardError
 from models.families import BoundaryOptions, Family, HoverOptions, contract
 
-__all__ = ["CARD_METADATA_KEY", "ClassInfo", "ModelCard", "embed_card", "read_card", "replace_card"]
+__all__ = ["CARD_METADATA_KEY", "PRECISIONS", "ClassInfo", "ModelCard", "Precision", "embed_card",
+           "read_card", "replace_card"]
 
 CARD_METADATA_KEY = "hoverserve.card"
 """Name of the ONNX ``metadata_props`` entry holding the card as JSON."""
+
+Precision = Literal["fp32", "fp16"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16")
+"""Weight precisions a model file may have (its inputs and outputs stay float32 in both)."""
 
 class ClassInfo(BaseModel):
     """One nucleus class: its display name and RGB colour (0-255 integers)."""
@@ -70,6 +77,9 @@ class ModelCard(BaseModel):
     test_time_augmentation: Literal["none", "flip", "dihedral"] = Field(
         "none", description="Transforms averaged inside the graph (flip: 4, dihedral: 8 per patch)"
     )
+    precision: Precision = Field(
+        "fp32", description="Weights and arithmetic of the graph; inputs and outputs are float32 in both"
+    )
 
     _options: HoverOptions | BoundaryOptions = PrivateAttr()
 
@@ -88,6 +98,15 @@ class ModelCard(BaseModel):
         # is part of the run key that nucleus ids derive from).
         self._options = contract(self.family).options.from_mapping(self.postprocess)
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_fp32(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Cards written before the field existed are fp32; leaving the default out keeps their JSON,
+        # and so the run key their nucleus ids derive from, exactly as it was.
+        data: dict[str, Any] = handler(self)
+        if data.get("precision") == "fp32":
+            del data["precision"]
+        return data
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> ModelCard:
         """A copy; with ``update``, validated again like a loaded card (pydantic's own copy would

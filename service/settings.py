@@ -53,6 +53,10 @@ class Settings(BaseSettings):
                              description="region core side, model pixels")
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, description="patches per inference batch")
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$", description="inference device")
+    trt_cache: Path | None = Field(
+        default=None, description="folder for TensorRT's engines, kept between worker starts")
+    trt_fp16: bool = Field(
+        default=False, description="let TensorRT use float16 kernels (always on for an fp16 model)")
     max_attempts: int = Field(default=3, ge=1, description="tries per task before the job fails")
     task_timeout_s: int = Field(default=1800, ge=10, description="seconds a single task may run (RQ)")
     embedded_threads: int = Field(default=1, ge=1, description="jobs run at once by the embedded queue")

@@ -44,6 +44,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         region_size=args.region_size, batch_size=args.batch_size,
         workers=args.workers if args.workers is not None else DEFAULT_WORKERS,
         device=args.device, tissue=tissue, objects=args.objects, min_class_prob=args.min_class_prob,
+        trt_cache=Path(args.trt_cache) if args.trt_cache else None, trt_fp16=args.trt_fp16,
     )
     out = args.out or f"{slide.stem}-nuclei"
     fs, root = fsspec.url_to_fs(out)
@@ -95,6 +96,12 @@ def register(sub: _args.Subparsers) -> None:
                    help="patches per batch")
     p.add_argument("--workers", type=int, help="read/post-process processes (0 = in-process)")
     p.add_argument("--device", choices=_args.DEVICES, default="auto")
+    p.add_argument("--trt-cache", metavar="DIR",
+                   help="folder for TensorRT's engines, kept between runs (TensorRT builds them for "
+                        "minutes otherwise, at every start)")
+    p.add_argument("--trt-fp16", action="store_true",
+                   help="let TensorRT use float16 kernels (always on for an fp16 model: `hoverserve "
+                        "model fp16`)")
     p.add_argument("--no-tissue-mask", action="store_true", help="analyse background too")
     p.add_argument("--tissue-mask", help="PNG mask (non-zero = tissue) with the slide's aspect")
     p.add_argument("--objects", choices=_args.OBJECTS, default="detections",
