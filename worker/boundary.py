@@ -3,7 +3,8 @@
 :func:`boundary_instances` follows TSFD-Net's ``decode_predictions`` / ``seprate_instances``
 (Ilyas et al. 2022, sec. 3.6):
 
-1. foreground = nucleus probability ``1 - sem_prob[0] >= fg_threshold``; noise removal drops
+1. foreground = nucleus probability ``sum(sem_prob[1:]) >= fg_threshold`` (``1 - sem_prob[0]``
+   for a softmax, and 0 where a tile never ran: its maps stay all zero); noise removal drops
    8-connected pieces and fills holes smaller than ``min_size`` pixels;
 2. each pixel's class is the argmax over the nucleus classes (channels 1..C-1); every semantic
    nucleus (8-connected foreground piece) takes the majority class of its pixels (ties to the lower
@@ -166,7 +167,7 @@ def boundary_instances(
     mpp : float
         µm per pixel of the maps; sizes scale from their 0.25 µm/px values (:func:`boundary_sizes`).
     fg_threshold : float
-        Threshold on the nucleus probability ``1 - sem_prob[0]``.
+        Threshold on the nucleus probability ``sum(sem_prob[1:])``.
     boundary_threshold : float
         Threshold on ``boundary_prob``.
     typed : bool
@@ -195,7 +196,7 @@ def boundary_instances(
         seed_size = max(2, math.ceil(int(min_size) / 4))
     size = default_min if min_size is None else int(min_size)
 
-    nucleus_prob = 1.0 - sem[0]
+    nucleus_prob = sem[1:].sum(axis=0)
     fg = _denoise(nucleus_prob >= fg_threshold, size)
     n_classes = sem.shape[0]
     pixel_class = (1 + np.argmax(sem[1:], axis=0)).astype(np.intp) * fg

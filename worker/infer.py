@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+_GROUPS_AHEAD = 1
+"""Patch groups cut and queued behind the one on the network (the inference thread's queue)."""
 
 
 def select_providers(device: Device, available: Sequence[str]) -> list[str]:
@@ -110,6 +115,9 @@ class RegionMaps:
 class Model:
     """A loaded model file: its card, an ONNX Runtime session and its family's runner."""
 
+    _thread: ThreadPoolExecutor | None = None
+    """The inference thread, started by the first :meth:`submit`."""
+
     def __init__(self, session, card: ModelCard, path: Path, *, batch_size: int,
                  io_binding: bool | None = None) -> None:
         """``io_binding``: run batches through ONNX Runtime's IO binding (:mod:`worker.binding`);
@@ -139,6 +147,13 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.card.name!r}, providers={self.session.get_providers()})"
+
+    def submit(self, patches: NDArray[np.float32]) -> Future[dict[str, NDArray[np.float32]]]:
+        """:meth:`predict` on this model's inference thread: the caller prepares the next batch
+        (cutting patches, reading, stitching) while the network runs, which releases the GIL."""
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        return self._thread.submit(self.predict, patches)
 
     def predict(self, patches: NDArray[np.float32]) -> dict[str, NDArray[np.float32]]:
         """Run (N, 3, H, W) float32 RGB 0–255 patches in batches; returns contract outputs."""
@@ -288,18 +303,32 @@ def predict_maps(
             tiles.append(t)
         else:
             place(t, stored)
-    chunk = max(1, model.batch_size) * 2  # bounds the float32 patch stack, whatever the region
-    for start in range(0, len(tiles), chunk):
-        group = tiles[start : start + chunk]
-        patches = np.empty((len(group), 3, card.input_size, card.input_size), np.float32)
-        for i, t in enumerate(group):
-            r, c = t.row0 - maps_box.row0, t.col0 - maps_box.col0
-            patch = image[r : r + card.input_size, c : c + card.input_size]
-            patches[i] = patch.transpose(2, 0, 1)
-        result = model.predict(patches)
+    def stitch(group: list[Box], result: Mapping[str, NDArray[np.float32]]) -> None:
         for i, t in enumerate(group):
             tile_maps = model.runner.tile_maps(result, i)
             place(t, tile_maps)
             if cache is not None and kept(t):
                 cache.put(t, tile_maps)
+
+    # A bounded queue: one group on the network, the next one cut and waiting behind it.
+    running: deque[tuple[list[Box], Future]] = deque()
+    chunk = max(1, model.batch_size) * 2  # bounds the float32 patch stack, whatever the region
+    try:
+        for start in range(0, len(tiles), chunk):
+            group = tiles[start : start + chunk]
+            patches = np.empty((len(group), 3, card.input_size, card.input_size), np.float32)
+            for i, t in enumerate(group):
+                r, c = t.row0 - maps_box.row0, t.col0 - maps_box.col0
+                patch = image[r : r + card.input_size, c : c + card.input_size]
+                patches[i] = patch.transpose(2, 0, 1)
+            running.append((group, model.submit(patches)))
+            if len(running) > _GROUPS_AHEAD:
+                done, future = running.popleft()
+                stitch(done, future.result())
+        while running:
+            done, future = running.popleft()
+            stitch(done, future.result())
+    finally:
+        for _, future in running:  # an error above: nothing keeps running for a lost region
+            future.cancel()
     return RegionMaps(out.box, out.arrays, len(tiles))

@@ -82,3 +82,26 @@ def test_image_must_match_its_box(tmp_path: Path) -> None:
     model = load_model(build_oracle(tmp_path / "o.onnx", card))
     with pytest.raises(ValueError, match="grown by"):
         predict_maps(model, np.zeros((64, 64, 3), np.uint8), Box(0, 0, 64, 64), Box(0, 0, 64, 64))
+
+
+def test_batches_run_on_the_inference_thread_and_its_errors_reach_the_caller(tmp_path: Path) -> None:
+    import threading
+
+    card = oracle_card(input_size=48, output_size=32)
+    model = load_model(build_oracle(tmp_path / "o.onnx", card), batch_size=1)
+    threads: list[str] = []
+    real = model.predict
+
+    def predict(patches: np.ndarray) -> dict[str, np.ndarray]:
+        threads.append(threading.current_thread().name)
+        if len(threads) == 3:
+            raise InferenceError("the accelerator fell over")
+        return real(patches)
+
+    model.predict = predict  # type: ignore[method-assign]
+    maps_box = Box(0, 0, 96, 96)  # 9 tiles: groups of 2
+    image = np.zeros((96 + 2 * card.margin,) * 2 + (3,), np.uint8)
+    with pytest.raises(InferenceError, match="fell over"):
+        predict_maps(model, image, maps_box.grow(card.margin), maps_box)
+    assert threads and all(name.startswith("inference") for name in threads)
+    assert threading.current_thread().name not in threads
