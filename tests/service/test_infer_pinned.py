@@ -9,7 +9,8 @@ Re-recorded in session 8 (issue 15, seams and patches), deliberately: the defaul
 edge-map normalisation (``edge_range``) instead of each region's min-max, so nuclei no longer
 depend on the region size; and tiles beyond the slide's edge are no longer run (their maps were
 predictions on padding), which renumbers nuclei within a region (the PNG's set of nuclei and every
-measurement are unchanged by that part; only the table's order is).
+measurement are unchanged by that part; only the table's order is); and the card's metrics gained
+the edge_range numbers (the card's hash is part of the run key the nucleus ids come from).
 """
 
 from __future__ import annotations
@@ -29,20 +30,20 @@ PINNED = {
     # slide: (extra CLI arguments, sha256 of the nucleus table, of the GeoJSON, of counts.json)
     "CMU-1-Small-Region.svs": (
         (),
-        "1a9579e58b4fd3a0cf4f8aaa6e2ae6bc79b916f70fde99dfeb72636466e7b507",
-        "486452dc869007c21fb472ba3deb0ee034d47c8822c11e02877382dae9e0ed35",
+        "4b9c6afe4e5e03dd0cef516404c89d31eb38bcd2e3d66a49bb28cba52a064b40",
+        "205badf7176e1639463d548c5db5175e5a549dbe99208560afe5df08f06d2529",
         "dfde90d12ff5e48f4c8cca88210649a31ea91c276d4d922713fdfed502477bbe",
     ),
     "pathml_small_dicom.dcm": (
         ("--mpp", "0.5"),
-        "017734a7465b7d566a91b9c466f56d56e9046ad25153ee3a0de221f0c43adca1",
-        "5665925ba97daa1108a39fedd1cdeec537565b3451260f3e28641f6c1675210b",
+        "b3e22baac04f54c816a08daedcfdd4da887f2f67cdceda569c23cfaa98d2efc1",
+        "d37aa9027659e96f34e398434904371aced6be32e6567ff1c9b9f6fc4bf356fc",
         "478dc18254d18b2c1627c8c911d54db69ce0f0c1a9cc5909e0f66052e8883e8a",
     ),
     "tiles/high-nuclei-score-level0.png": (
         ("--mpp", "0.5"),
-        "fa8eb6696a463ff937e39f2b709fdbca0addd2b80f16f60b31cc9043638ac23e",
-        "54858783d16e02fa2e7f77b64a7ab6e839d2c09d7b9c5468dc02cf3881af90bf",
+        "a5aec0173818a985e53a1acf8a534f3df5126b85f507ad46c1742b7014267632",
+        "ef71e3151c25cdde2978e7b71460658414b89df6f58fb170d521f70a4607a7b3",
         "5180d8cb61dcacc492629249036471164235a03bfa22c158107b13929ee7c2f8",
     ),
 }
