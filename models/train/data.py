@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,6 +192,9 @@ class PatchSampler:
         Base seed.
     source_weights : mapping of str to float, optional
         Per-source weight multipliers.
+    collate_fn : callable, optional
+        (images, instance maps, type maps, typed flags) → the batch's tensors, targets included
+        (:data:`models.train.families.Collate`); default :func:`collate`, the HoVer targets.
     """
 
     def __init__(
@@ -202,6 +205,7 @@ class PatchSampler:
         options: AugmentOptions,
         seed: int,
         source_weights: Mapping[str, float] | None = None,
+        collate_fn: Callable[..., dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.items = [item for item in items if min(item.inst.shape) >= patch_size]
         if not self.items:
@@ -214,9 +218,11 @@ class PatchSampler:
         self.patch_size = patch_size
         self.options = options
         self.seed = seed
+        self.collate_fn = collate if collate_fn is None else collate_fn
 
     def batch(self, step: int, batch_size: int) -> dict[str, torch.Tensor]:
-        """Batch number ``step``: ``image`` (N,3,H,W) float 0-255, ``np``, ``hv``, ``tp``, ``typed``."""
+        """Batch number ``step``: ``image`` (N,3,H,W) float 0-255 and the targets of the
+        sampler's ``collate_fn`` (by default ``np``, ``hv``, ``tp``, ``typed``)."""
         rng = np.random.default_rng([self.seed, step])
         picks = rng.choice(len(self.items), size=batch_size, p=self.probabilities)
         images, insts, types, typed = [], [], [], []
@@ -229,7 +235,7 @@ class PatchSampler:
             insts.append(inst)
             types.append(tmap)
             typed.append(item.typed)
-        return collate(images, insts, types, typed)
+        return self.collate_fn(images, insts, types, typed)
 
 
 def collate(

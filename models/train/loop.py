@@ -19,13 +19,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from models.card import read_card
-from models.conic.builder import BUILDERS
-from models.conic.unet import ConicNet
 from models.train.augment import AugmentOptions
 from models.train.config import REPO_ROOT, ModelConfig, TrainConfig, load_config
 from models.train.data import Item, PatchSampler, load_items, split_items
+from models.train.families import TrainingFamily, family_of, training_family
 from models.train.from_onnx import calibrate_batchnorm, load_onnx_weights
-from models.train.losses import HoverLoss
 from models.train.validate import Validator
 
 __all__ = ["CHECKPOINT_NAME", "build_model", "run_training", "train"]
@@ -36,11 +34,10 @@ CHECKPOINT_NAME = "last.pt"
 """File name of the latest checkpoint inside a run folder."""
 
 
-def build_model(config: ModelConfig) -> ConicNet:
-    """Instantiate the network a config names."""
-    if config.architecture not in BUILDERS:
-        raise ValueError(f"unknown architecture {config.architecture!r}; known: {sorted(BUILDERS)}")
-    return BUILDERS[config.architecture](config.n_classes, **config.options)
+def build_model(config: ModelConfig) -> nn.Module:
+    """Instantiate the network a config names (any family's architecture,
+    :data:`models.train.families.FAMILIES`)."""
+    return family_of(config.architecture).builders[config.architecture](config.n_classes, **config.options)
 
 
 def _pick_device(device: str) -> torch.device:
@@ -131,7 +128,12 @@ def _batches(
         # few seconds at start (each worker imports torch and receives the items)
         multiprocessing_context="spawn",
     )
-    return iter(loader)
+    # Starting the workers draws their base seed from the global torch generator; restoring it
+    # keeps the network's own random draws (dropout) those of a run without workers.
+    state = torch.get_rng_state()
+    batches = iter(loader)
+    torch.set_rng_state(state)
+    return batches
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
@@ -168,6 +170,11 @@ def run_training(
 ) -> Path:
     """Train per ``config``; see :func:`train`."""
     dev = _pick_device(device)
+    family = training_family(config)  # a mismatched card or loss fails here, before data is read
+    loss_fn = family.loss(config.loss).to(dev)
+    if config.data.patch_size % family.stride:
+        raise ValueError(f"data.patch_size {config.data.patch_size} must be a multiple of "
+                         f"{family.stride} for a {family.name}-family network")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     _seed_everything(config.seed)
@@ -195,6 +202,7 @@ def run_training(
         options=AugmentOptions(**config.augment),
         seed=config.seed,
         source_weights=config.data.source_weights,
+        collate_fn=family.collate(config.model),
     )
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = build_model(config.model).to(dev)
@@ -203,12 +211,11 @@ def run_training(
         model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
     )
     scheduler = _scheduler(optimizer, config)
-    loss_fn = HoverLoss(config.loss.weights, class_weights=config.loss.class_weights).to(dev)
 
     start, metrics, best = 0, {}, -math.inf
     if config.init_from is not None and not (resume and checkpoint.exists()):
         source = config.init_from if config.init_from.is_absolute() else REPO_ROOT / config.init_from
-        _initialise(model, source, config, sampler, dev)
+        _initialise(model, source, config, sampler, dev, family)
     if resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location=dev, weights_only=True)
         model.load_state_dict(state["model"])
@@ -286,13 +293,21 @@ _CALIBRATION_STEP = 10**9  # sampler steps far beyond any run's, so calibration 
 
 
 def _initialise(
-    model: ConicNet, source: Path, config: TrainConfig, sampler: PatchSampler, device: torch.device
+    model: nn.Module,
+    source: Path,
+    config: TrainConfig,
+    sampler: PatchSampler,
+    device: torch.device,
+    family: TrainingFamily,
 ) -> None:
     """Start from another run's checkpoint, or from an exported ONNX model (a shipped one)."""
     if source.suffix.lower() != ".onnx":
         model.load_state_dict(torch.load(source, map_location=device, weights_only=True)["model"])
         logger.info("initialised from %s", source)
         return
+    if not family.onnx_init:
+        raise ValueError(f"init_from {source}: a {family.name}-family network starts from a training "
+                         "checkpoint (.pt), not from an exported ONNX file")
     card = read_card(source)
     if card.architecture != config.model.architecture or len(card.classes) not in (0, config.model.n_classes):
         raise ValueError(

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from models.card import ClassInfo, ModelCard
-from models.conic.unet import ConicNet
 from models.train.config import TrainConfig, load_config
+from models.train.families import training_family
 from models.train.loop import build_model
 
 __all__ = ["card_for", "export_trained", "load_checkpoint"]
@@ -19,7 +20,7 @@ __all__ = ["card_for", "export_trained", "load_checkpoint"]
 logger = logging.getLogger(__name__)
 
 
-def load_checkpoint(checkpoint: str | Path) -> tuple[ConicNet, TrainConfig, dict[str, Any]]:
+def load_checkpoint(checkpoint: str | Path) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
     """Rebuild the network of a checkpoint written by :func:`models.train.train`.
 
     Returns
@@ -39,7 +40,8 @@ def load_checkpoint(checkpoint: str | Path) -> tuple[ConicNet, TrainConfig, dict
 
 
 def card_for(config: TrainConfig, *, metrics: Mapping[str, Any] | None = None) -> ModelCard:
-    """The model card of a trained model, from its config and held-out metrics."""
+    """The model card of a trained model, from its config and held-out metrics (its family is
+    the config's ``card.family``; training and export check it against the architecture)."""
     card = config.card
     classes = tuple(ClassInfo(name=name, colour=colour) for name, colour in card.classes)
     if classes and len(classes) != config.model.n_classes:
@@ -47,7 +49,7 @@ def card_for(config: TrainConfig, *, metrics: Mapping[str, Any] | None = None) -
     return ModelCard(
         name=card.name,
         version=card.version,
-        family="hover",
+        family=card.family,
         architecture=config.model.architecture,
         input_size=card.input_size,
         output_size=card.output_size,
@@ -72,7 +74,9 @@ def export_trained(
     tta: str | None = None,
     check: bool = True,
 ) -> ModelCard:
-    """Export a training checkpoint to an ONNX file following the HoVerServe model contract.
+    """Export a training checkpoint to an ONNX file following its family's model contract
+    (``hover``: :func:`models.export.export_onnx`; ``boundary``:
+    :func:`models.tsfd.export.export_boundary_onnx`, which builds no test-time augmentation in).
 
     Parameters
     ----------
@@ -99,8 +103,6 @@ def export_trained(
     ModelCard
         The card embedded in the file.
     """
-    from models.export import export_onnx
-
     model, config, stored = load_checkpoint(checkpoint)
     if card_from is not None:
         config = config.model_copy(update={"card": load_config(card_from).card})
@@ -111,7 +113,9 @@ def export_trained(
     card = card_for(config, metrics=stored if metrics is None else metrics)
     if tta is not None:
         card = card.model_copy(update={"test_time_augmentation": tta})
-    model.margin = card.margin  # the exported graph returns only the centre output_size pixels
-    export_onnx(model, card, output, check=check)
+    # the exported graph returns only the centre output_size pixels (both families' networks crop
+    # by their ``margin`` attribute)
+    setattr(model, "margin", card.margin)  # noqa: B010 - nn.Module's attribute typing is Tensor | Module
+    training_family(config).export(model, card, Path(output), check)
     logger.info("exported %s as %s", checkpoint, output)
     return card

@@ -88,9 +88,26 @@ def _semantic(prob: Tensor, target: Tensor) -> Tensor:
 
 
 class TSFDLoss(torch.nn.Module):
-    """Total TSFD-Net loss: tissue + semantic + boundary (equal weights, as the official code)."""
+    """Total TSFD-Net loss: the weighted sum of the tissue, semantic and boundary terms.
+
+    Parameters
+    ----------
+    weights : mapping of str to float, optional
+        Weight per term (keys of :attr:`TERMS`; a missing term weighs 0). Default: all 1, as the
+        official code.
+    """
 
     TERMS = ("tissue", "semantic", "boundary")
+
+    def __init__(self, weights: Mapping[str, float] | None = None) -> None:
+        super().__init__()
+        if weights is None:
+            weights = dict.fromkeys(self.TERMS, 1.0)
+        unknown = set(weights) - set(self.TERMS)
+        if unknown:
+            raise ValueError(f"unknown TSFD-Net loss terms {sorted(unknown)}; a boundary model's "
+                             f"loss.weights takes {list(self.TERMS)}")
+        self.weights = {term: float(weights.get(term, 0.0)) for term in self.TERMS}
 
     def forward(
         self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor]
@@ -109,7 +126,8 @@ class TSFDLoss(torch.nn.Module):
                              + SEMANTIC_AUX * combo_loss(bnd_prob, bnd_target))
         if "tissue" in outputs and "tissue" in batch:
             terms["tissue"] = self._tissue(outputs["tissue"], batch["tissue"])
-        total = sum(terms.values(), start=torch.zeros((), device=bnd_prob.device))
+        total = sum((self.weights[k] * v for k, v in terms.items()),
+                    start=torch.zeros((), device=bnd_prob.device))
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
     @staticmethod

@@ -10,9 +10,10 @@ uses their foreground only (:class:`models.train.tsfd_losses.TSFDLoss`, ``typed`
 from __future__ import annotations
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
-__all__ = ["boundary_target", "semantic_target"]
+__all__ = ["boundary_target", "collate_boundary", "semantic_target"]
 
 
 def _check_inst(inst: object) -> NDArray[np.integer]:
@@ -86,3 +87,31 @@ def semantic_target(
     if t.size and (t.min() < 0 or t.max() >= n_classes):
         raise ValueError(f"types must be in 0..{n_classes - 1}, got {t.min()}..{t.max()}")
     return np.where(fg, t, 0).astype(np.int64)
+
+
+def collate_boundary(
+    images: list[NDArray[np.uint8]],
+    insts: list[NDArray[np.int32]],
+    types: list[NDArray[np.uint8]],
+    typed: list[bool],
+    *,
+    n_classes: int,
+) -> dict[str, torch.Tensor]:
+    """Stack augmented patches into the tensors :class:`~models.train.tsfd_losses.TSFDLoss` reads.
+
+    Returns
+    -------
+    dict of str to Tensor
+        ``image`` (N, 3, H, W) float 0-255, ``sem`` (N, H, W) int64 (:func:`semantic_target`;
+        untyped patches mark their nuclei 1), ``boundary`` (N, H, W) int64 0/1
+        (:func:`boundary_target`) and ``typed`` (N,) bool.
+    """
+    image = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    sem = [semantic_target(inst, tmap if flag else None, n_classes=n_classes)
+           for inst, tmap, flag in zip(insts, types, typed, strict=True)]
+    return {
+        "image": image.contiguous(),
+        "sem": torch.from_numpy(np.stack(sem)),
+        "boundary": torch.from_numpy(np.stack([boundary_target(i) for i in insts]).astype(np.int64)),
+        "typed": torch.tensor(typed, dtype=torch.bool),
+    }

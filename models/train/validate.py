@@ -21,8 +21,9 @@ from torch import nn
 
 from models.train.config import TrainConfig
 from models.train.data import Item
+from models.train.families import FAMILIES
 
-__all__ = ["Validator", "predict_maps", "summarise"]
+__all__ = ["Validator", "predict_maps", "predict_outputs", "summarise"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +35,25 @@ _CONTEXT = 16  # reflected context around an item, so its border pixels see (mir
 _STRIDE = 16
 
 
+def _run_whole(
+    model: nn.Module, image: NDArray[np.uint8], *, stride: int, device: torch.device | str
+) -> tuple[dict[str, torch.Tensor], tuple[slice, slice]]:
+    """The network's raw outputs on the reflect-padded image (sides multiples of ``stride``),
+    and the window of the image's own pixels in them."""
+    height, width = image.shape[:2]
+    pad_rows = _CONTEXT + (-(height + 2 * _CONTEXT)) % stride
+    pad_cols = _CONTEXT + (-(width + 2 * _CONTEXT)) % stride
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().to(device)
+    tensor = F.pad(tensor, (_CONTEXT, pad_cols, _CONTEXT, pad_rows), mode="reflect")
+    window = (slice(_CONTEXT, _CONTEXT + height), slice(_CONTEXT, _CONTEXT + width))
+    return model(tensor), window
+
+
 @torch.no_grad()
 def predict_maps(
     model: nn.Module, image: NDArray[np.uint8], *, device: torch.device | str = "cpu"
 ) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float32] | None]:
-    """Run a fully convolutional model (margin 0) on a whole image.
+    """Run a fully convolutional hover-family model (margin 0) on a whole image.
 
     Parameters
     ----------
@@ -52,17 +67,46 @@ def predict_maps(
     tuple
         ``np_prob`` (H, W) float32, ``hv`` (2, H, W) float32, ``tp_prob`` (C, H, W) float32 or None.
     """
-    height, width = image.shape[:2]
-    pad_rows = _CONTEXT + (-(height + 2 * _CONTEXT)) % _STRIDE
-    pad_cols = _CONTEXT + (-(width + 2 * _CONTEXT)) % _STRIDE
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().to(device)
-    tensor = F.pad(tensor, (_CONTEXT, pad_cols, _CONTEXT, pad_rows), mode="reflect")
-    out = model(tensor)
-    window = np.s_[0, :, _CONTEXT : _CONTEXT + height, _CONTEXT : _CONTEXT + width]
+    out, (rows, cols) = _run_whole(model, image, stride=_STRIDE, device=device)
+    window = np.s_[0, :, rows, cols]
     np_prob = torch.softmax(out["np"], dim=1)[window][1].cpu().numpy()
     hv = out["hv"][window].cpu().numpy()
     tp = torch.softmax(out["tp"], dim=1)[window].cpu().numpy() if "tp" in out else None
     return np_prob, hv, tp
+
+
+@torch.no_grad()
+def predict_outputs(
+    model: nn.Module, image: NDArray[np.uint8], family: str, *, device: torch.device | str = "cpu"
+) -> dict[str, NDArray[np.float32]]:
+    """Run a fully convolutional model (margin 0) of any family on a whole image, as its exported
+    graph would answer for one patch the image's size.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Network of ``family`` returning its raw logits at the input size.
+    image : (H, W, 3) uint8 array
+        RGB image.
+    family : str
+        The model family (:data:`models.train.families.FAMILIES`).
+
+    Returns
+    -------
+    dict of str to ndarray
+        The graph's outputs by name, each ``(1, C, H, W)`` float32 (hover: ``np_prob``, ``hv``,
+        ``tp_prob`` when the network has a type head; boundary: ``sem_prob``, ``boundary_prob``).
+        They are named by what the network returns, which ``family`` (the card's) only pads
+        for: a network of another family answers under its own names, for the caller to refuse.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"no training family {family!r} (known: {', '.join(FAMILIES)})")
+    out, (rows, cols) = _run_whole(model, image, stride=FAMILIES[family].stride, device=device)
+    found = [f for f in FAMILIES.values() if set(f.logits) <= set(out)]
+    if not found:
+        raise ValueError(f"the network returns {sorted(out)}, the logits of no model family")
+    probs = found[0].probabilities(out)
+    return {name: value[:, :, rows, cols].float().cpu().numpy() for name, value in probs.items()}
 
 
 def summarise(results: dict[str, dict[str, Any]]) -> dict[str, float]:

@@ -105,7 +105,7 @@ def _cmd_model_export(args: argparse.Namespace) -> int:
     metrics = read_metrics(args.metrics)
     card = export_trained(args.checkpoint, args.output, tta=args.tta, metrics=metrics,
                           card_from=args.card_from)
-    print(f"wrote {args.output}: {card.name} ({card.architecture}, "
+    print(f"wrote {args.output}: {card.name} ({card.family} family, {card.architecture}, "
           f"test-time augmentation: {card.test_time_augmentation})")
     return 0
 

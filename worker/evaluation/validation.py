@@ -3,7 +3,7 @@
 :func:`models.train.loop.run_training` picks its best checkpoint by a held-out score it cannot
 compute itself (models never import the worker): ``hoverserve model train`` injects
 :func:`validate_training`. The network predicts each held-out item whole
-(:func:`models.train.validate.predict_maps`); the maps become nuclei through the card's family
+(:func:`models.train.validate.predict_outputs`); the maps become nuclei through the card's family
 runner (:func:`worker.families.runner_for`) with the card's options — thresholds and upsampling
 included — exactly as a slide job with the exported model would; labels traced on a finer grid
 are brought back to the item's by nearest neighbour and scored per source.
@@ -24,7 +24,7 @@ from models.evaluate import evaluate_dataset, radius_for_mpp
 from models.train.config import TrainConfig
 from models.train.data import Item
 from models.train.release import card_for
-from models.train.validate import predict_maps, summarise
+from models.train.validate import predict_outputs, summarise
 from worker.evaluation.model import ImageMaps, instances_from_maps
 from worker.families import job_options, runner_for
 
@@ -48,17 +48,19 @@ def item_maps(model: nn.Module, item: Item, card: ModelCard) -> ImageMaps:
     ValueError
         The network lacks an output the card's family needs.
     """
-    np_prob, hv, tp = predict_maps(model, item.image, device=_device(model))
+    return _item_maps(model, item, card)[0]
+
+
+def _item_maps(model: nn.Module, item: Item, card: ModelCard) -> tuple[ImageMaps, bool]:
+    # The maps, and whether the network classifies (the runner's answer for its outputs).
     # As a batch of one patch under the exported graph's output names.
-    result = {"np_prob": np_prob[None, None], "hv": hv[None]}
-    if tp is not None:
-        result["tp_prob"] = tp[None]
+    result = predict_outputs(model, item.image, card.family, device=_device(model))
     runner = runner_for(card)
     outputs = runner.network_outputs(card, list(result))
     tiles = runner.tile_maps({name: result[name] for name in outputs}, 0)
     arrays = {spec.name: np.asarray(tiles[spec.name], spec.dtype)
               for spec in runner.map_specs(card, outputs)}
-    return ImageMaps(arrays=arrays, shape=item.inst.shape[:2])
+    return ImageMaps(arrays=arrays, shape=item.inst.shape[:2]), runner.typed(card, outputs)
 
 
 def score_items(model: nn.Module, items: Sequence[Item], card: ModelCard) -> dict[str, dict[str, Any]]:
@@ -88,8 +90,7 @@ def score_items(model: nn.Module, items: Sequence[Item], card: ModelCard) -> dic
                 if not np.isclose(item.mpp, card.mpp):
                     raise ValueError(f"item {item.name} is at {item.mpp} µm/px; the card works at "
                                      f"{card.mpp}")
-                maps = item_maps(model, item, card)
-                head = "types" in maps.arrays
+                maps, head = _item_maps(model, item, card)
                 typed = typed and head  # a network without a type head is scored untyped
                 found.append(instances_from_maps(maps, card, options, typed=head))
             pairs = [(labels, types if typed else None, item.inst, item.types if typed else None)
