@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -46,6 +45,7 @@ sys.path.insert(0, str(ROOT))  # ``worker`` and ``models`` when run as a script
 sys.path.insert(0, str(BENCH))
 
 from end_to_end import measure  # noqa: E402
+from postprocess import TIATOOLBOX_VERSION  # noqa: E402
 from report import machine_facts  # noqa: E402
 
 __all__ = [
@@ -62,7 +62,7 @@ __all__ = [
 ENGINE_VENV = BENCH / ".venv-tiatoolbox-engine"
 """TIAToolbox's venv with its whole pipeline (git-ignored; about 6.5 GB, about 3 minutes)."""
 
-TIATOOLBOX_SPEC = "tiatoolbox==2.1.3"
+TIATOOLBOX_SPEC = f"tiatoolbox=={TIATOOLBOX_VERSION}"  # the version the post-processing bench runs
 WORK = BENCH / "work" / "tiatoolbox_end_to_end"
 RESULTS = BENCH / "results" / "tiatoolbox_end_to_end.json"
 KEYS = ROOT / ".." / "shared" / "docs" / "hovernet_official_keys_fast.json"
@@ -89,26 +89,12 @@ def ensure_engine_venv(venv: Path = ENGINE_VENV) -> Path:
     return python
 
 
-def official_state_dict(seed: int, keys: Path = KEYS) -> dict[str, Any]:
+def official_state_dict(seed: int) -> dict[str, Any]:
     """A random state_dict with exactly the keys and shapes of an official ``fast`` PanNuke
-    checkpoint: unit-gain conv kernels, BN scales and variances near 1, small shifts."""
-    import torch
+    checkpoint (the test suite's weights: unit-gain conv kernels, BN scales near 1)."""
+    from tests.models._hovernet_weights import manifest, random_state_dict
 
-    shapes: dict[str, list[int]] = json.loads(keys.read_text())
-    gen = torch.Generator().manual_seed(seed)
-    state: dict[str, Any] = {}
-    for key, shape in shapes.items():
-        if key.endswith("num_batches_tracked"):
-            state[key] = torch.tensor(0)
-        elif key.endswith("unpool_mat"):
-            state[key] = torch.ones(shape)
-        elif len(shape) == 4:
-            state[key] = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
-        elif key.endswith(("running_var", ".weight")):
-            state[key] = 0.5 + torch.rand(shape, generator=gen)
-        else:
-            state[key] = 0.1 * torch.randn(shape, generator=gen)
-    return state
+    return random_state_dict(manifest("fast"), seed=seed)
 
 
 def make_model_files(work: Path, *, seed: int, heads: bool, checkpoint: Path | None) -> tuple[Path, Path]:

@@ -320,6 +320,13 @@ class Store:
     def results_root(self, job_id: str) -> str:
         return self.path(self._job_key(job_id, "results"))
 
+    def tiles_root(self, job_id: str) -> str:
+        """Where the job's regions keep the network tiles they share (worker.tile_cache)."""
+        return self.path(self._job_key(job_id, "tiles"))
+
+    def delete_tiles(self, job_id: str) -> None:
+        self.delete(self._job_key(job_id, "tiles"))
+
     def result_key(self, job_id: str, name: str) -> str:
         return self._job_key(job_id, "results", name)
 

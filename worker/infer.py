@@ -303,6 +303,7 @@ def predict_maps(
             tiles.append(t)
         else:
             place(t, stored)
+
     def stitch(group: list[Box], result: Mapping[str, NDArray[np.float32]]) -> None:
         for i, t in enumerate(group):
             tile_maps = model.runner.tile_maps(result, i)

@@ -281,7 +281,7 @@ def iterate_regions(plan: SlidePlan, model: Model, executor: Executor, *, prefet
                                 shared=users.shared if users is not None else None)
             if cache is not None and users is not None:
                 inferred.add(region.index)
-                cache.discard(users.finished(region, model.card.output_size, inferred))
+                cache.discard(users.finished(region, inferred))
             infer_s = time.perf_counter() - start
             pixels = _maps_pixels(image, plan.margin)
             if block is not None:

@@ -38,10 +38,11 @@ class TileUsers:
     """Which regions' maps hold each tile that more than one region needs.
 
     ``users`` maps a tile's origin ``(row0, col0)`` to the indices of the regions holding it,
-    ascending (the plan's order).
+    ascending (the plan's order); ``tile`` is the side of the slide-wide grid's tiles.
     """
 
     users: Mapping[tuple[int, int], tuple[int, ...]]
+    tile: int
 
     @classmethod
     def of(cls, regions: Sequence[Region], tile: int) -> TileUsers:
@@ -50,21 +51,21 @@ class TileUsers:
         for region in regions:
             for t in tile_boxes(region.maps, tile=tile):
                 holders.setdefault((t.row0, t.col0), []).append(region.index)
-        return cls({key: tuple(sorted(v)) for key, v in holders.items() if len(v) > 1})
+        return cls({key: tuple(sorted(v)) for key, v in holders.items() if len(v) > 1}, tile)
 
     def shared(self, tile: Box) -> bool:
         """Whether another region also needs this tile."""
         return (tile.row0, tile.col0) in self.users
 
-    def neighbours(self, region: Region, tile: int) -> set[int]:
+    def neighbours(self, region: Region) -> set[int]:
         """The regions sharing a tile with ``region`` (itself included when it shares any)."""
-        return {i for t in tile_boxes(region.maps, tile=tile)
+        return {i for t in tile_boxes(region.maps, tile=self.tile)
                 for i in self.users.get((t.row0, t.col0), ())}
 
-    def finished(self, region: Region, tile: int, done: Iterable[int]) -> list[Box]:
+    def finished(self, region: Region, done: Iterable[int]) -> list[Box]:
         """The shared tiles of ``region`` that no region outside ``done`` still needs."""
         finished = set(done)
-        return [t for t in tile_boxes(region.maps, tile=tile)
+        return [t for t in tile_boxes(region.maps, tile=self.tile)
                 if (t.row0, t.col0) in self.users
                 and finished.issuperset(self.users[(t.row0, t.col0)])]
 

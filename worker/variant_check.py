@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from models.metrics import overlap
 from models.precision import (
     PROBABILITY_TOLERANCE,
     fp16_variant,
@@ -109,32 +110,23 @@ def compare_nuclei(
     """
     if reference.shape != candidate.shape:
         raise ValueError(f"label maps differ in shape: {reference.shape} and {candidate.shape}")
-    ref_ids, ref = np.unique(reference.ravel(), return_inverse=True)
-    cand_ids, cand = np.unique(candidate.ravel(), return_inverse=True)
-    # Index 0 of each is the background when it is present; ids are mapped to 0..n-1 first so
-    # the pair table stays small whatever the label values are.
-    ref_area = np.bincount(ref)
-    cand_area = np.bincount(cand)
-    both = (reference.ravel() != 0) & (candidate.ravel() != 0)
-    pairs = ref[both].astype(np.int64) * len(cand_ids) + cand[both]
-    keys, overlap = np.unique(pairs, return_counts=True)
-    r, c = np.divmod(keys, len(cand_ids))
-    iou = overlap / (ref_area[r] + cand_area[c] - overlap)
-    best = np.zeros(len(ref_ids))
-    partner = np.full(len(ref_ids), -1)
+    table = overlap(candidate, reference)  # the metrics' sparse table: reference as "gt"
+    iou = table.iou
+    best = np.zeros(table.gt.n)
+    partner = np.full(table.gt.n, -1)
     order = np.argsort(iou, kind="stable")  # later (larger) IoUs overwrite smaller ones
-    best[r[order]] = iou[order]
-    partner[r[order]] = c[order]
-    nuclei = ref_ids != 0
-    n_ref, n_cand = int(nuclei.sum()), int((cand_ids != 0).sum())
-    matched = nuclei & (best > MATCH_IOU)
+    best[table.gt_index[order]] = iou[order]
+    partner[table.gt_index[order]] = table.pred_index[order]
+    n_ref, n_cand = table.gt.n, table.pred.n
+    matched = best > MATCH_IOU
     same_class = None
     if reference_types is not None and candidate_types is not None and matched.any():
-        agree = [reference_types.get(int(ref_ids[i])) == candidate_types.get(int(cand_ids[partner[i]]))
+        agree = [reference_types.get(int(table.gt.ids[i]))
+                 == candidate_types.get(int(table.pred.ids[partner[i]]))
                  for i in np.flatnonzero(matched)]
         same_class = float(np.mean(agree))
     return NucleiComparison(reference=n_ref, candidate=n_cand, matched=int(matched.sum()),
-                            min_iou=float(best[nuclei].min()) if n_ref else 1.0,
+                            min_iou=float(best.min()) if n_ref else 1.0,
                             same_class=same_class)
 
 

@@ -4,7 +4,7 @@ Instance maps are (H, W) integer arrays, 0 background, ids need not be contiguou
 that divide by zero (e.g. both maps empty) are NaN, meaning "undefined", never 0 or 1.
 """
 
-from models.metrics._labels import InstanceTypes
+from models.metrics._labels import InstanceTypes, Overlap, overlap
 from models.metrics.detection import (
     CLASS_F1_WEIGHTS,
     ClassCounts,
@@ -35,6 +35,7 @@ __all__ = [
     "InstanceTypes",
     "MulticlassPQ",
     "MulticlassPQResult",
+    "Overlap",
     "PQResult",
     "aji",
     "aji_plus",
@@ -43,6 +44,7 @@ __all__ = [
     "detection_scores",
     "dice",
     "multiclass_pq",
+    "overlap",
     "pair_centroids",
     "panoptic_quality",
     "point_scores",

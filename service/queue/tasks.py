@@ -105,7 +105,7 @@ def _tiles(job_id: str, plan: SlidePlan, tile: int, ctx: TaskContext
         if len(_USERS) > 8:
             _USERS.clear()
         _USERS[key] = TileUsers.of(plan.regions, tile)
-    return TileCache(ctx.store.fs, ctx.store.path(ctx.store.job_key(job_id, "tiles"))), _USERS[key]
+    return TileCache(ctx.store.fs, ctx.store.tiles_root(job_id)), _USERS[key]
 
 
 def _options(record: JobRecord, model_path: Path, ctx: TaskContext) -> InferenceOptions:
@@ -213,9 +213,8 @@ def run_region(job_id: str, index: int) -> int:
     ctx.store.write_region(job_id, index, data, len(table))
     # A shared tile goes once every region holding it has its nuclei (a region retried later
     # finds it gone and infers it again: the cache saves work, it never changes a result).
-    done = {i for i in users.neighbours(region, model.card.output_size)
-            if i == index or ctx.store.has_region(job_id, i)}
-    cache.discard(users.finished(region, model.card.output_size, done))
+    done = {i for i in users.neighbours(region) if i == index or ctx.store.has_region(job_id, i)}
+    cache.discard(users.finished(region, done))
     if cleanup_cancelled(job_id, ctx):
         return -1
     logger.info("job %s: region %d: %d nuclei in %.2f s on %s", job_id, index, len(table), seconds,
@@ -251,7 +250,7 @@ def finalize_job(job_id: str) -> list[str]:
     root = ctx.store.results_root(job_id)
     done = finish(plan, tables, fs=ctx.store.fs, root=root, card=card, parameters=parameters,
                   timings=Timings(plan=plan.plan_seconds, regions_cpu=seconds))
-    ctx.store.delete(ctx.store.job_key(job_id, "tiles"))  # what retried regions left behind
+    ctx.store.delete_tiles(job_id)  # what retried regions left behind
     _index_nuclei(root, ctx)
     names = sorted(name for name in done.outputs if name != "nuclei.zarr")
 
@@ -294,5 +293,5 @@ def fail_job(job_id: str, exc: BaseException | None, *, reason: str | None = Non
             rec.phase = "done"
 
     ctx.store.update_record(job_id, fail)
-    ctx.store.delete(ctx.store.job_key(job_id, "tiles"))  # only regions of a live job read them
+    ctx.store.delete_tiles(job_id)  # only regions of a live job read them
     logger.warning("job %s: failed: %s", job_id, message)

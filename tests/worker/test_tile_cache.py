@@ -54,11 +54,11 @@ def test_tile_users_name_every_region_holding_a_shared_tile() -> None:
             everywhere.setdefault((t.row0, t.col0), []).append(r.index)
     assert users.users == {k: tuple(v) for k, v in everywhere.items() if len(v) > 1}
     first = regions[0]
-    assert users.neighbours(first, 32) == {0, 1, 2, 3}
+    assert users.neighbours(first) == {0, 1, 2, 3}
     # Only tiles all of whose holders are done may go.
-    assert users.finished(first, 32, done={0}) == [
+    assert users.finished(first, done={0}) == [
         t for t in tile_boxes(first.maps, tile=32) if users.users.get((t.row0, t.col0)) == (0,)]
-    assert len(users.finished(first, 32, done={0, 1, 2, 3})) == sum(
+    assert len(users.finished(first, done={0, 1, 2, 3})) == sum(
         1 for t in tile_boxes(first.maps, tile=32) if users.shared(t))
 
 
