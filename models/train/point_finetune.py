@@ -43,6 +43,7 @@ from models.errors import ModelError
 from models.train.augment import AugmentOptions, augment
 from models.train.data import PatchSampler, load_items, split_items
 from models.train.losses import HoverLoss
+from models.train.type_head import POINT_RADIUS_UM
 
 __all__ = [
     "IGNORE",
@@ -228,7 +229,7 @@ class PointFinetuneOptions:
     patch_size: int = 128
     lr: float = 1e-4
     weight_decay: float = 1e-4
-    radius_um: float = 2.0
+    radius_um: float = POINT_RADIUS_UM  # the same disk the class-layer refit labels
     point_weight: float = 1.0
     anchor_weight: float = 1.0
     """Weight of :func:`anchor_loss` on the point patches (0: no anchor, no teacher pass)."""
