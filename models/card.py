@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from models.errors import ModelCardError
-from models.families import BoundaryOptions, Family, HoverOptions, contract
+from models.families import BoundaryOptions, Family, HoverOptions, InstanceOptions, contract
 
 __all__ = ["CARD_METADATA_KEY", "PRECISIONS", "ClassInfo", "ModelCard", "Precision", "embed_card",
            "read_card", "replace_card"]
@@ -81,7 +81,7 @@ class ModelCard(BaseModel):
         "fp32", description="Weights and arithmetic of the graph; inputs and outputs are float32 in both"
     )
 
-    _options: HoverOptions | BoundaryOptions = PrivateAttr()
+    _options: HoverOptions | BoundaryOptions | InstanceOptions = PrivateAttr()
 
     @model_validator(mode="after")
     def _check_sizes(self) -> ModelCard:
@@ -116,7 +116,7 @@ class ModelCard(BaseModel):
         return type(self).model_validate({**self.model_dump(), **update})
 
     @property
-    def options(self) -> HoverOptions | BoundaryOptions:
+    def options(self) -> HoverOptions | BoundaryOptions | InstanceOptions:
         """The card's post-processing, typed by its family (checked when the card was loaded)."""
         return self._options
 

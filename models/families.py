@@ -25,6 +25,7 @@ __all__ = [
     "Family",
     "FamilyContract",
     "HoverOptions",
+    "InstanceOptions",
     "contract",
 ]
 
@@ -173,6 +174,44 @@ class BoundaryOptions:
         return 1
 
 
+@dataclass(frozen=True, slots=True)
+class InstanceOptions:
+    """The post-processing an ``instance`` (panoptic, Mask R-CNN) model asks for.
+
+    Attributes
+    ----------
+    score_threshold : float
+        Detections scoring below this are ignored.
+    mask_threshold : float
+        A pixel is in a detection's mask where the mask probability, sampled at its centre,
+        exceeds this.
+    min_unclaimed : float
+        Detections claim their pixels in descending score; one whose unclaimed share of its
+        mask is below this is a duplicate and dropped (0 keeps every detection's remainder).
+    """
+
+    score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    min_unclaimed: float = 0.5
+
+    KEYS: ClassVar[tuple[str, ...]] = ("score_threshold", "mask_threshold", "min_unclaimed")
+
+    def __post_init__(self) -> None:
+        _check_threshold("score_threshold", self.score_threshold)
+        _check_threshold("mask_threshold", self.mask_threshold)
+        if not _finite_number(self.min_unclaimed) or not 0.0 <= self.min_unclaimed <= 1.0:
+            raise ValueError(f"min_unclaimed must be within 0..1, got {self.min_unclaimed!r}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> InstanceOptions:
+        """Options from a card's ``postprocess`` (other keys ignored; missing ones default)."""
+        return cls(**{k: values[k] for k in cls.KEYS if k in values})
+
+    @property
+    def grid_scale(self) -> int:
+        return 1
+
+
 @dataclass(frozen=True)
 class FamilyContract:
     """What a family's ONNX graph must output and what its card's ``postprocess`` holds.
@@ -184,14 +223,18 @@ class FamilyContract:
     name: Family
     outputs: tuple[str, ...]
     optional_outputs: tuple[str, ...]
-    options: type[HoverOptions] | type[BoundaryOptions]
+    options: type[HoverOptions] | type[BoundaryOptions] | type[InstanceOptions]
 
 
 FAMILIES: dict[str, FamilyContract] = {
     "hover": FamilyContract("hover", ("np_prob", "hv"), ("tp_prob",), HoverOptions),
     "boundary": FamilyContract("boundary", ("sem_prob", "boundary_prob"), (), BoundaryOptions),
+    # One image per run: (K, 4) xyxy input pixels, (K,) scores, (K,) int64 classes 1..C and
+    # (K, 1, M, M) box-relative mask probabilities, in descending score.
+    "instance": FamilyContract("instance", ("boxes", "scores", "classes", "masks"), (),
+                               InstanceOptions),
 }
-"""Every family a card may name today; ``instance`` (panoptic) joins when its model does."""
+"""Every family a card may name."""
 
 
 def contract(family: str) -> FamilyContract:

@@ -5,7 +5,10 @@ selects one :class:`FamilyRunner` here. The runner says which per-pixel maps a r
 (:meth:`~FamilyRunner.map_specs`: names, leading shape, dtype — the pipeline allocates them, in
 shared memory when a pool post-processes them), how one network patch fills them
 (:meth:`~FamilyRunner.tile_maps`) and how the stitched maps become measured instances
-(:meth:`~FamilyRunner.segment`). The pipeline, the evaluation through the inference path and
+(:meth:`~FamilyRunner.segment`). Dense families run patches on the slide-wide tile grid; a
+family whose outputs do not stitch (``whole_box``: detections of a proposal-based model) runs
+one patch per region, the region's whole input, and turns its outputs into the region's maps
+(:meth:`~FamilyRunner.box_maps`). The pipeline, the evaluation through the inference path and
 training validation call only these, so a new family is a new runner registered in
 :data:`RUNNERS`, and nothing else changes.
 
@@ -25,7 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models.card import ModelCard
-from models.families import BoundaryOptions, HoverOptions, contract
+from models.families import BoundaryOptions, HoverOptions, InstanceOptions, contract
 from worker.postprocess import HoverInstances
 
 __all__ = [
@@ -56,6 +59,8 @@ class FamilyRunner(Protocol):
     """What the pipeline needs to know of a family."""
 
     name: str
+    whole_box: bool
+    """One patch per region (the region's whole input) instead of the slide-wide tile grid."""
 
     def network_outputs(self, card: ModelCard, available: Sequence[str]) -> tuple[str, ...]:
         """The graph outputs to fetch (required ones missing → ValueError naming them)."""
@@ -73,6 +78,15 @@ class FamilyRunner(Protocol):
         """Patch ``i`` of a batch ``result`` as tiles of each map (``(lead…, s, s)`` arrays)."""
         ...
 
+    def box_maps(self, result: Mapping[str, NDArray], card: ModelCard, *,
+                 wanted: NDArray[np.bool_]) -> dict[str, NDArray]:
+        """A ``whole_box`` family's maps from the outputs of one patch: the maps box grown by
+        the card's margin. ``wanted`` (rows, cols) tells which ``card.output_size`` tiles of the
+        maps box are analysed (tissue, inside the slide): the maps are ``wanted``'s extent in
+        pixels, and nothing is reported whose centre lies in a tile that is not wanted (as
+        dense families never run those tiles)."""
+        ...
+
     def has_foreground(self, maps: Mapping[str, NDArray]) -> bool:
         """Whether any pixel may belong to a nucleus (else segmentation is skipped)."""
         ...
@@ -83,6 +97,14 @@ class FamilyRunner(Protocol):
         ...
 
 
+class _Tiled:
+    """Dense families: maps come tile by tile (:meth:`tile_maps`), never from a whole box."""
+
+    def box_maps(self, result: Mapping[str, NDArray], card: ModelCard, *,
+                 wanted: NDArray[np.bool_]) -> dict[str, NDArray]:
+        raise TypeError(f"the {getattr(self, 'name', '?')} family stitches tiles; it has no box maps")
+
+
 def _required(card: ModelCard, available: Sequence[str]) -> None:
     missing = [name for name in contract(card.family).outputs if name not in available]
     if missing:
@@ -90,10 +112,11 @@ def _required(card: ModelCard, available: Sequence[str]) -> None:
                          f"{list(available)}")
 
 
-class HoverRunner:
+class HoverRunner(_Tiled):
     """HoVer-Net family: nucleus probability, horizontal/vertical distances, optional types."""
 
     name = "hover"
+    whole_box = False
 
     def network_outputs(self, card: ModelCard, available: Sequence[str]) -> tuple[str, ...]:
         _required(card, available)
@@ -127,10 +150,11 @@ class HoverRunner:
         return segment_maps(maps["np_prob"], maps["hv"], types, mpp=mpp, options=options)
 
 
-class BoundaryRunner:
+class BoundaryRunner(_Tiled):
     """TSFD-Net family: semantic class probabilities (background first) and boundaries."""
 
     name = "boundary"
+    whole_box = False
 
     def network_outputs(self, card: ModelCard, available: Sequence[str]) -> tuple[str, ...]:
         _required(card, available)
@@ -163,8 +187,73 @@ class BoundaryRunner:
                                   boundary_threshold=options.boundary_threshold, typed=typed)
 
 
-RUNNERS: dict[str, FamilyRunner] = {"hover": HoverRunner(), "boundary": BoundaryRunner()}
-"""Family name → runner. ``instance`` (panoptic) registers here when its model exists."""
+class InstanceRunner:
+    """Panoptic (Mask R-CNN) family: scored boxes with box-relative masks, one image per run.
+
+    Detections do not stitch, so each region runs as one patch (its maps box grown by the
+    card's margin); the detections are pasted by score into the region's dense maps
+    (``instances``, ``classes``, ``scores``: :func:`worker.instance.paste_detections`), whose
+    nuclei the seams then settle like any family's."""
+
+    name = "instance"
+    whole_box = True
+
+    def network_outputs(self, card: ModelCard, available: Sequence[str]) -> tuple[str, ...]:
+        _required(card, available)
+        return contract("instance").outputs
+
+    def map_specs(self, card: ModelCard, outputs: Sequence[str]) -> tuple[MapSpec, ...]:
+        return (MapSpec("instances", (), np.dtype(np.int32)),
+                MapSpec("classes", (), np.dtype(np.uint8)),
+                MapSpec("scores", (), np.dtype(np.float32)))
+
+    def typed(self, card: ModelCard, outputs: Sequence[str]) -> bool:
+        return card.typed  # box-head classes are the card's
+
+    def tile_maps(self, result: Mapping[str, NDArray[np.float32]], i: int) -> dict[str, NDArray]:
+        raise TypeError("the instance family runs whole boxes; it has no tile maps")
+
+    def box_maps(self, result: Mapping[str, NDArray], card: ModelCard, *,
+                 wanted: NDArray[np.bool_]) -> dict[str, NDArray]:
+        from worker.instance import instance_sizes, paste_detections
+
+        options = card.options
+        if not isinstance(options, InstanceOptions):
+            raise TypeError(f"instance post-processing wants InstanceOptions, "
+                            f"got {type(options).__name__}")
+        tile, margin = card.output_size, card.margin
+        boxes = np.asarray(result["boxes"], np.float32).reshape(-1, 4)
+        # A detection belongs to the tile holding its box centre: outside the slide (the
+        # reflected margin) or without tissue, nothing is reported, as for tiled families.
+        centre = (boxes[:, :2] + boxes[:, 2:]) / 2 - margin
+        cell = np.floor(np.nan_to_num(centre, nan=-1.0) / tile).astype(np.int64)
+        inside = ((cell >= 0) & (cell < np.array(wanted.shape[::-1]))).all(axis=1)
+        keep = np.zeros(len(boxes), bool)
+        keep[inside] = wanted[cell[inside, 1], cell[inside, 0]]
+        pasted = paste_detections(
+            boxes[keep], np.asarray(result["scores"])[keep], np.asarray(result["classes"])[keep],
+            np.asarray(result["masks"])[keep], height=wanted.shape[0] * tile,
+            width=wanted.shape[1] * tile, offset=(float(margin), float(margin)),
+            score_threshold=options.score_threshold, mask_threshold=options.mask_threshold,
+            min_unclaimed=options.min_unclaimed, min_size=instance_sizes(card.mpp).min_size)
+        return {"instances": pasted.instances, "classes": pasted.classes, "scores": pasted.scores}
+
+    def has_foreground(self, maps: Mapping[str, NDArray]) -> bool:
+        return bool(maps["instances"].any())
+
+    def segment(self, maps: Mapping[str, NDArray], *, mpp: float, options: Any,
+                typed: bool) -> HoverInstances:
+        from worker.instance import instance_nuclei
+
+        if not isinstance(options, InstanceOptions):
+            raise TypeError(f"instance post-processing wants InstanceOptions, "
+                            f"got {type(options).__name__}")
+        return instance_nuclei(maps, mpp=mpp, typed=typed)
+
+
+RUNNERS: dict[str, FamilyRunner] = {"hover": HoverRunner(), "boundary": BoundaryRunner(),
+                                    "instance": InstanceRunner()}
+"""Family name → runner."""
 
 
 def runner_for(card: ModelCard) -> FamilyRunner:

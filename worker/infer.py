@@ -141,7 +141,7 @@ class Model:
         self.map_specs = self.runner.map_specs(card, self.outputs)
         self.typed = self.runner.typed(card, self.outputs)
         on_gpu = any(p in _GPU_PROVIDERS for p in session.get_providers())
-        bind = on_gpu if io_binding is None else io_binding
+        bind = (on_gpu if io_binding is None else io_binding) and not self.runner.whole_box
         self.bound: BoundSession | None = (
             BoundSession(session, self.outputs, batch_size=batch_size, pinned=on_gpu) if bind else None)
 
@@ -294,6 +294,9 @@ def predict_maps(
     def kept(t: Box) -> bool:
         return shared is not None and shared(t)
 
+    if model.runner.whole_box:
+        return _predict_box(model, image, maps_box, out, tile_wanted)
+
     tiles: list[Box] = []
     for t in tile_boxes(maps_box, tile=size):
         if tile_wanted is not None and not tile_wanted(t):
@@ -333,3 +336,23 @@ def predict_maps(
         for _, future in running:  # an error above: nothing keeps running for a lost region
             future.cancel()
     return RegionMaps(out.box, out.arrays, len(tiles))
+
+
+def _predict_box(model: Model, image: NDArray[np.uint8], maps_box: Box, out: RegionMaps,
+                 tile_wanted: Callable[[Box], bool] | None) -> RegionMaps:
+    """A ``whole_box`` family's maps: the whole input as one patch, unless no tile of the box
+    is wanted. ``patches`` counts the box's wanted tiles, the tile-grid patches it stands for,
+    so the manifest's ratio to the covering minimum stays comparable across families."""
+    card = model.card
+    size = card.output_size
+    rows, cols = -(-maps_box.height // size), -(-maps_box.width // size)
+    wanted = np.array([tile_wanted is None or tile_wanted(t) for t in tile_boxes(maps_box, tile=size)],
+                      bool).reshape(rows, cols)
+    if not wanted.any():
+        return RegionMaps(out.box, out.arrays, 0)
+    patch = np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32)
+    result = model.submit(patch).result()
+    maps = model.runner.box_maps(result, card, wanted=wanted)
+    for name, array in maps.items():
+        out.arrays[name][...] = array[..., : maps_box.height, : maps_box.width]
+    return RegionMaps(out.box, out.arrays, int(wanted.sum()))
