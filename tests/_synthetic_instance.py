@@ -4,10 +4,10 @@ Each nucleus is a disk centred on a pixel. The slide encodes it so that a graph 
 learning can detect it: red is the class level inside the disk (:data:`tests._synthetic.
 CLASS_LEVELS`, 255 outside), green is 255 on the centre pixel only and blue there holds ten times
 the radius. The oracle finds every green pixel on a nucleus (red below 128: white padding is
-green too) and outputs one detection per centre: the box of the disk, a score of 0.9, the class
-read from red and a disk-shaped 28×28 mask, just as a trained detector would. Every difference
-between the disks found and the disks drawn then comes from the family's plumbing: one patch per
-region, pasting, seams and merging.
+green too) and outputs one detection per centre: the box of the disk, a score (0.5 at the
+input's top to 0.9 at its bottom), the class read from red and a disk-shaped 28×28 mask, just
+as a trained detector would. Every difference between the disks found and the disks drawn then
+comes from the family's plumbing: one patch per region, pasting, seams and merging.
 """
 
 from __future__ import annotations
@@ -107,9 +107,16 @@ def build_instance_oracle(path: Path, card: ModelCard | None = None) -> Path:
         helper.make_node("Sub", ["cx", "reach"], ["x0"]), helper.make_node("Sub", ["cy", "reach"], ["y0"]),
         helper.make_node("Add", ["cx", "reach"], ["x1"]), helper.make_node("Add", ["cy", "reach"], ["y1"]),
         helper.make_node("Concat", ["x0", "y0", "x1", "y1"], ["boxes"], axis=1),
-        _const("nought", np.array(0.0, f32)), _const("score", np.array(0.9, f32)),
-        helper.make_node("Mul", ["radius", "nought"], ["zeros_k"]),
-        helper.make_node("Add", ["zeros_k", "score"], ["scores"]),
+        # Scores rise from 0.5 to 0.9 down the input, so that overlapping detections have an
+        # order (a mirrored copy below an edge beats the original).
+        helper.make_node("Shape", ["green"], ["hw"]),
+        helper.make_node("Gather", ["hw", "zero"], ["height_i"]),
+        helper.make_node("Cast", ["height_i"], ["height_f"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["row_f", "height_f"], ["depth"]),
+        _const("rise", np.array(0.4, f32)), _const("base", np.array(0.5, f32)),
+        helper.make_node("Mul", ["depth", "rise"], ["lift"]),
+        helper.make_node("Add", ["lift", "base"], ["scores1"]),
+        helper.make_node("Squeeze", ["scores1", "one"], ["scores"]),
         _const("dark", np.array(30.0, f32)),
         helper.make_node("Less", ["red_k", "dark"], ["second"]),
         helper.make_node("Cast", ["second"], ["second_i"], to=TensorProto.INT64),

@@ -82,3 +82,17 @@ def test_instance_nuclei_do_not_depend_on_the_region_size(scene, tmp_path: Path)
         assert len(table) == len(reference), size
         assert np.array_equal(table.centroid[other], reference.centroid[order]), size
         assert np.array_equal(table.type[other], reference.type[order]), size
+
+
+def test_evaluation_pads_images_for_detectors_with_white_not_a_mirror(scene) -> None:
+    # Disks cut by the image's bottom and right edges: a reflected border would show the detector
+    # their mirror images (scoring higher here, being lower down), and pasting those would report
+    # their halves inside the image as nuclei of their own.
+    from worker.evaluation.model import predict_image_maps
+
+    disks = np.array([[50, 50, 5], [195, 120, 6], [100, 296, 5]])
+    image = encode_disk_slide((200, 300), disks, np.array([1, 2, 1]))
+    maps = predict_image_maps(load_model(scene[0]), image, MPP)
+    ids = maps.arrays["instances"]
+    assert len(np.unique(ids)) - 1 == len(disks)
+    assert ids[199, 120] > 0 and ids[100, 299] > 0  # the cut disks reach the edges

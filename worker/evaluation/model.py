@@ -63,7 +63,8 @@ def predict_image_maps(model: Model, image: NDArray[np.uint8], mpp: float) -> Im
     """Run ``model`` on one RGB image at ``mpp`` µm/px.
 
     The image is resampled to the model's resolution (area averaging when shrinking), reflected
-    by the network margin, tiled and run exactly as slide regions are.
+    by the network margin (whole-box families: padded with white), tiled and run exactly as slide
+    regions are.
     """
     card = model.card
     height, width = image.shape[:2]
@@ -78,14 +79,12 @@ def predict_image_maps(model: Model, image: NDArray[np.uint8], mpp: float) -> Im
     rows, cols = -(-size[0] // tile) * tile, -(-size[1] // tile) * tile
     maps_box = Box(0, 0, rows, cols)
     pad = card.margin
+    # A detector would find the mirrored nuclei of a reflected border (and report their cut
+    # halves inside the image): whole-box families get white, as beyond a slide's edge.
+    border = ({"borderType": cv2.BORDER_CONSTANT, "value": (255, 255, 255)} if model.runner.whole_box
+              else {"borderType": cv2.BORDER_REFLECT_101})
     padded: NDArray[np.uint8] = cv2.copyMakeBorder(  # type: ignore[assignment]
-        np.ascontiguousarray(small),
-        pad,
-        pad + rows - size[0],
-        pad,
-        pad + cols - size[1],
-        cv2.BORDER_REFLECT_101,
-    )
+        np.ascontiguousarray(small), pad, pad + rows - size[0], pad, pad + cols - size[1], **border)
     maps = predict_maps(model, padded, maps_box.grow(pad), maps_box)
     arrays = {name: array[..., : size[0], : size[1]] for name, array in maps.arrays.items()}
     return ImageMaps(arrays=arrays, shape=(height, width))
