@@ -96,3 +96,18 @@ def test_evaluation_pads_images_for_detectors_with_white_not_a_mirror(scene) -> 
     ids = maps.arrays["instances"]
     assert len(np.unique(ids)) - 1 == len(disks)
     assert ids[199, 120] > 0 and ids[100, 299] > 0  # the cut disks reach the edges
+
+
+def test_a_detector_region_is_capped_at_the_familys_largest_input(scene, tmp_path: Path) -> None:
+    # Detections per network input are capped, so a job's large region size must not make one
+    # input hold more nuclei than that: regions of an instance model stay within 768 px.
+    from worker.families import InstanceRunner
+    from worker.infer import load_model as load
+    from worker.stages import prepare
+
+    blank = write_tiff(tmp_path / "blank.tif", np.full((2000, 2000, 3), 255, np.uint8), mpp=MPP)
+    card = load(scene[0]).card
+    plan = prepare(blank, card, InferenceOptions(model=scene[0], tissue="none", region_size=4096))
+    sides = {max(r.core.height, r.core.width) for r in plan.regions}
+    assert max(sides) <= InstanceRunner.max_region_size == 768
+    assert len(plan.regions) >= 9
