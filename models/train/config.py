@@ -85,9 +85,10 @@ class CardConfig(_Strict):
 
     name: str = "hoverserve-conic"
     version: str = "1"
-    family: Literal["hover", "boundary"] = "hover"
+    family: Literal["hover", "boundary", "instance"] = "hover"
     """Model family of the exported file (:mod:`models.families`): ``hover`` (HoVer-Net maps) or
-    ``boundary`` (semantic + boundary maps, TSFD-Net); the architecture must be one of its."""
+    ``boundary`` (semantic + boundary maps, TSFD-Net) or ``instance`` (detections, the panoptic
+    Mask R-CNN); the architecture must be one of its."""
     input_size: int = 256
     output_size: int = 224
     classes: tuple[tuple[str, tuple[int, int, int]], ...] = ()

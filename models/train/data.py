@@ -1,9 +1,9 @@
 """Training data: the shared nucleus data sets, read in place and resampled to the training mpp.
 
-Every item is one source image (a CoNSeP patch, a MoNuSeg or CPM-15 image) with a ``group``, the
-source image it came from: CoNSeP patches ``consep_train_K_NNN`` belong to group
-``consep_train_K``; MoNuSeg and CPM-15 images are their own groups. Hold-outs are chosen by group,
-so overlapping crops of one image never straddle the train/validation split.
+Every item is one source image (a CoNSeP patch, a MoNuSeg, CPM-15 or TNBC image) with a
+``group``, the source image it came from: CoNSeP patches ``consep_train_K_NNN`` belong to group
+``consep_train_K``; MoNuSeg, CPM-15 and TNBC images are their own groups. Hold-outs are chosen by
+group, so overlapping crops of one image never straddle the train/validation split.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ _SOURCE_FILES: dict[str, tuple[str, bool]] = {
     "consep_test": ("consep_patches_train.npz", True),
     "monuseg": ("monuseg", False),
     "cpm15": ("cpm15", False),
+    "tnbc": ("tnbc", False),
 }
 """Source -> (its file or folder under the data root, whether its classes are used)."""
 

@@ -62,6 +62,9 @@ class TrainingFamily:
         Input sides must be multiples of this.
     onnx_init : bool
         Whether ``init_from`` may name an exported ONNX file (weights read back from the graph).
+    forward : callable
+        ``forward(model, batch)`` → the outputs ``loss`` reads: the network on the batch's image
+        (most families), or with its targets too (a detector samples proposals against them).
     """
 
     name: str
@@ -73,6 +76,8 @@ class TrainingFamily:
     export: Callable[[nn.Module, ModelCard, Path, bool], None]
     stride: int
     onnx_init: bool
+    forward: Callable[[nn.Module, Mapping[str, Tensor]], Mapping[str, Tensor]] = (
+        lambda model, batch: model(batch["image"]))
 
 
 def _hover_collate(_: ModelConfig) -> Collate:
@@ -121,12 +126,58 @@ def _boundary_export(model: nn.Module, card: ModelCard, output: Path, check: boo
     export_boundary_onnx(model, card, output, check=check)
 
 
+def _instance_collate(_: ModelConfig) -> Collate:
+    from models.train.panoptic import collate_panoptic
+
+    return collate_panoptic
+
+
+def _instance_loss(config: LossConfig) -> nn.Module:
+    from models.train.panoptic import PanopticLoss
+
+    if config.class_weights is not None:
+        raise ValueError("loss.class_weights is a hover-family option; a panoptic model's loss "
+                         "weighs its terms only (loss.weights)")
+    return PanopticLoss(config.weights)
+
+
+def _instance_forward(model: nn.Module, batch: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    from models.train.panoptic import panoptic_forward
+
+    return panoptic_forward(model, batch)
+
+
+def _instance_probabilities(out: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    raise ValueError("an instance-family network outputs detections, not probability maps")
+
+
+def _instance_export(model: nn.Module, card: ModelCard, output: Path, check: bool) -> None:
+    from models.panoptic.export import export_instance_onnx
+
+    if card.test_time_augmentation != "none":
+        raise ValueError(f"test-time augmentation {card.test_time_augmentation!r} is not built into "
+                         "instance-family graphs; export with tta none")
+    export_instance_onnx(model, card, output, check=check)
+
+
+def _instance_builders() -> Mapping[str, Callable[..., nn.Module]]:
+    try:
+        from models.panoptic.builder import BUILDERS
+    except ImportError:  # torchvision missing: the family trains nothing, the others still do
+        return {}
+    return BUILDERS
+
+
 FAMILIES: dict[str, TrainingFamily] = {
     "hover": TrainingFamily("hover", HOVER_BUILDERS, _hover_collate, _hover_loss, ("np", "hv"),
                             _hover_probabilities, _hover_export, stride=16, onnx_init=True),
     "boundary": TrainingFamily("boundary", BOUNDARY_BUILDERS, _boundary_collate, _boundary_loss,
                                ("sem", "boundary"), _boundary_probabilities, _boundary_export,
                                stride=32, onnx_init=False),
+    # ``logits`` names no tensor: the network returns loss terms in training, detections in eval
+    "instance": TrainingFamily("instance", _instance_builders(), _instance_collate, _instance_loss,
+                               ("boxes", "scores", "classes", "masks"), _instance_probabilities,
+                               _instance_export, stride=32, onnx_init=False, forward=_instance_forward),
 }
 """Family name → how it trains. Architecture names are unique across families."""
 

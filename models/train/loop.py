@@ -206,7 +206,7 @@ def run_training(
     )
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = build_model(config.model).to(dev)
-    model = model.to(memory_format=memory_format)  # type: ignore[call-overload]
+    model = model.to(memory_format=memory_format)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
     )
@@ -252,7 +252,7 @@ def run_training(
         batch = {k: v.to(dev, non_blocking=True) for k, v in drawn.items()}
         batch["image"] = batch["image"].contiguous(memory_format=memory_format)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            outputs = model(batch["image"])
+            outputs = family.forward(model, batch)
         loss, terms = loss_fn({k: v.float() for k, v in outputs.items()}, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}: {terms}")

@@ -304,13 +304,15 @@ def finetune_points(model_path: str | Path, output: str | Path, options: PointFi
     card = read_card(model_path)
     if not card.classes:
         raise ValueError(f"{model_path} has no classes to fine-tune")
+    if len(options.class_weights) != len(card.classes):
+        raise ValueError(f"{len(options.class_weights)} typed class weights for {len(card.classes)} classes")
     torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
-    model = _rebuild(model_path, card).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model = _rebuild(model_path, card).to(memory_format=torch.channels_last)
     model.eval()  # BatchNorm keeps the exported statistics
     teacher = None
     if options.anchor_weight and options.trainable != "head":  # "head" cannot move NP/HV
-        teacher = _rebuild(model_path, card).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        teacher = _rebuild(model_path, card).to(memory_format=torch.channels_last)
         teacher.eval().requires_grad_(False)
     params = set_trainable(model, options.trainable)
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
@@ -353,7 +355,7 @@ def finetune_points(model_path: str | Path, output: str | Path, options: PointFi
                        f"and {'+'.join(options.typed_sources)}.".strip(),
     })
     model.to(memory_format=torch.contiguous_format)
-    model.margin = new_card.margin  # the exported graph returns the centre only
+    setattr(model, "margin", new_card.margin)  # noqa: B010 -- the exported graph returns the centre only
     export_onnx(model, new_card, output)
     return new_card
 
@@ -381,6 +383,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--instances", type=Path, help=".npz of predicted instance maps by image name")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--run-dir", type=Path)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="batch/augmentation seed (a new one when continuing a fine-tuned model)")
+    parser.add_argument("--point-weight", type=float, default=1.0, help="weight of the point loss")
+    parser.add_argument("--typed-class-weights", type=float, nargs="+", default=[1.0, 5.0, 1.0, 1.0, 1.0],
+                        help="type cross-entropy weights on the typed patches, background first")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     options = PointFinetuneOptions(
@@ -388,7 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         holdout=tuple(args.holdout), trainable=args.trainable, steps=args.steps,
         point_batch=args.point_batch, typed_batch=args.typed_batch, lr=args.lr,
         anchor_weight=args.anchor, augment={"stain": args.stain}, instances=args.instances,
-        threads=args.threads)
+        threads=args.threads, seed=args.seed, point_weight=args.point_weight,
+        class_weights=tuple(args.typed_class_weights))
     try:
         finetune_points(args.model, args.output, options, name=args.name, run_dir=args.run_dir)
     except (ValueError, OSError, ModelError) as exc:

@@ -150,7 +150,7 @@ def test_validation_predicts_whole_items_under_the_graph_output_names() -> None:
     assert set(out) == {"sem_prob", "boundary_prob"}
     assert out["sem_prob"].shape == (1, 5, 50, 70) and out["boundary_prob"].shape == (1, 1, 50, 70)
     with pytest.raises(ValueError, match="no training family"):
-        predict_outputs(net, image, "instance")
+        predict_outputs(net, image, "no-such-family")
 
 
 @pytest.mark.slow
