@@ -129,6 +129,12 @@ class ModelCard(BaseModel):
     def typed(self) -> bool:
         return len(self.classes) > 1
 
+    @property
+    def label_channels(self) -> int:
+        """Classes a family with a background channel predicts, background included: the card's
+        classes, or background and "nucleus" for an untyped card."""
+        return max(2, len(self.classes))
+
     def to_json(self) -> str:
         return self.model_dump_json()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -195,17 +196,11 @@ def export_onnx(
         The exporter failed, or ONNX Runtime could not load or run the file, or its outputs
         have the wrong names, shapes or non-finite values.
     """
-    output = Path(output)
-    if not output.parent.is_dir():
-        raise ValueError(f"output folder {output.parent} does not exist")
+    output = export_target(output)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     sample = _random_image(1, card.input_size).to(device)
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".export-") as tmp:
-        traced = Path(tmp) / "traced.onnx"
-        head = OnnxHead(model, typed=bool(card.classes), tta=card.test_time_augmentation)
-        _trace_to_onnx(head, sample, traced, opset=opset)
-        write_with_card(traced, card, output)
-    logger.info("exported %s (%.1f MB)", output, output.stat().st_size / 1e6)
+    head = OnnxHead(model, typed=bool(card.classes), tta=card.test_time_augmentation)
+    write_traced(lambda traced: _trace_to_onnx(head, sample, traced, opset=opset), card, output)
     if check:
         check_onnx(output, card)
     return output
@@ -276,6 +271,24 @@ def _trace_to_onnx(head: OnnxHead, sample: Tensor, path: Path, *, opset: int) ->
         head.model.train(was_training)
     for item in caught:
         logger.debug("exporter warning: %s", item.message)
+
+
+def export_target(output: str | Path) -> Path:
+    """``output`` as a Path, ValueError when its folder does not exist (checked before tracing)."""
+    output = Path(output)
+    if not output.parent.is_dir():
+        raise ValueError(f"output folder {output.parent} does not exist")
+    return output
+
+
+def write_traced(trace: Callable[[Path], None], card: ModelCard, output: Path) -> None:
+    """``trace(path)`` writes a graph into a temporary folder beside ``output`` (a failed export
+    leaves no partial file); the graph then goes to ``output`` with ``card`` embedded."""
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".export-") as tmp:
+        traced = Path(tmp) / "traced.onnx"
+        trace(traced)
+        write_with_card(traced, card, output)
+    logger.info("exported %s (%.1f MB)", output, output.stat().st_size / 1e6)
 
 
 def write_with_card(traced: Path, card: ModelCard, output: Path) -> None:

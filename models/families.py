@@ -14,7 +14,7 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
 import numpy as np
 
@@ -151,8 +151,24 @@ def _check_threshold(name: str, value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
+class _PlainOptions:
+    """Options read key by key from a card's ``postprocess``, traced on the model's grid."""
+
+    __slots__ = ()
+    KEYS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Self:
+        """Options from a card's ``postprocess`` (other keys ignored; missing ones default)."""
+        return cls(**{k: values[k] for k in cls.KEYS if k in values})
+
+    @property
+    def grid_scale(self) -> int:
+        return 1
+
+
 @dataclass(frozen=True, slots=True)
-class BoundaryOptions:
+class BoundaryOptions(_PlainOptions):
     """The post-processing a ``boundary`` model asks for (its card's ``postprocess``)."""
 
     fg_threshold: float = 0.5
@@ -164,18 +180,10 @@ class BoundaryOptions:
         for name in self.KEYS:
             _check_threshold(name, getattr(self, name))
 
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> BoundaryOptions:
-        """Options from a card's ``postprocess`` (other keys ignored; missing ones default)."""
-        return cls(**{k: values[k] for k in cls.KEYS if k in values})
-
-    @property
-    def grid_scale(self) -> int:
-        return 1
 
 
 @dataclass(frozen=True, slots=True)
-class InstanceOptions:
+class InstanceOptions(_PlainOptions):
     """The post-processing an ``instance`` (panoptic, Mask R-CNN) model asks for.
 
     Attributes
@@ -202,14 +210,6 @@ class InstanceOptions:
         if not _finite_number(self.min_unclaimed) or not 0.0 <= self.min_unclaimed <= 1.0:
             raise ValueError(f"min_unclaimed must be within 0..1, got {self.min_unclaimed!r}")
 
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> InstanceOptions:
-        """Options from a card's ``postprocess`` (other keys ignored; missing ones default)."""
-        return cls(**{k: values[k] for k in cls.KEYS if k in values})
-
-    @property
-    def grid_scale(self) -> int:
-        return 1
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,11 @@ def _save_model(path: Path, nodes: list[onnx.NodeProto], card: ModelCard,
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", channels, out, out])
          for name, channels in outputs],
     )
+    return write_graph(path, graph, card)
+
+
+def write_graph(path: Path, graph: onnx.GraphProto, card: ModelCard) -> Path:
+    """Check and write ``graph`` (opset 17) as a model file with ``card`` embedded."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     for key, value in card_metadata(card).items():

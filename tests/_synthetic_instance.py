@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from models.card import ModelCard, card_metadata
-from tests._synthetic import CLASS_LEVELS, CLASSES
+from models.card import ModelCard
+from tests._synthetic import CLASS_LEVELS, CLASSES, write_graph
 
 MASK = 28
 """Side of the oracle's box-relative masks."""
@@ -136,11 +136,4 @@ def build_instance_oracle(path: Path, card: ModelCard | None = None) -> Path:
          helper.make_tensor_value_info("classes", TensorProto.INT64, ["K"]),
          helper.make_tensor_value_info("masks", TensorProto.FLOAT, ["K", 1, MASK, MASK])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    for key, value in card_metadata(card).items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return write_graph(path, graph, card)

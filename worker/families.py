@@ -165,8 +165,7 @@ class BoundaryRunner(_Tiled):
         return ("sem_prob", "boundary_prob")
 
     def map_specs(self, card: ModelCard, outputs: Sequence[str]) -> tuple[MapSpec, ...]:
-        channels = max(2, len(card.classes))
-        return (MapSpec("sem_prob", (channels,), np.dtype(np.float32)),
+        return (MapSpec("sem_prob", (card.label_channels,), np.dtype(np.float32)),
                 MapSpec("boundary_prob", (), np.dtype(np.float32)))
 
     def typed(self, card: ModelCard, outputs: Sequence[str]) -> bool:

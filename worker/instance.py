@@ -47,15 +47,13 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from worker.postprocess import HoverInstances, measure_nuclei
+from worker.postprocess import REFERENCE_MPP, HoverInstances, measure_nuclei, scaled_constants
 
 __all__ = ["MAP_NAMES", "DetectionMaps", "InstanceSizes", "instance_nuclei", "instance_sizes",
            "paste_detections"]
 
 logger = logging.getLogger(__name__)
 
-REFERENCE_MPP = 0.25
-_MIN_SIZE = 10  # pixels at 0.25 µm/px, the hover family's smallest object
 _MAX_CLASS = 255  # classes are stored per pixel as uint8
 _FOUR = ndimage.generate_binary_structure(2, 1)
 MAP_NAMES = ("instances", "classes", "scores")
@@ -101,11 +99,10 @@ def instance_sizes(mpp: float = REFERENCE_MPP) -> InstanceSizes:
     InstanceSizes
         ``min_size`` 10 at 0.25 µm/px, 3 at 0.5 µm/px, at least 1.
     """
-    if isinstance(mpp, bool) or not isinstance(mpp, numbers.Real) or not math.isfinite(mpp) or mpp <= 0:
+    if isinstance(mpp, bool):  # a Real to Python, never a resolution
         raise ValueError(f"mpp must be a positive finite number, got {mpp!r}")
-    s = REFERENCE_MPP / float(mpp)
-    # The epsilon keeps exact products (10 · 1.0²) from rounding up through float noise.
-    return InstanceSizes(min_size=max(1, math.ceil(_MIN_SIZE * s * s - 1e-9)))
+    # The hover family's rule, which also checks the resolution.
+    return InstanceSizes(min_size=scaled_constants(mpp).min_size)
 
 
 # --------------------------------------------------------------------------- input checks

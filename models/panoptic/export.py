@@ -17,8 +17,6 @@ and nothing of the detector moves into the post-processing.
 
 from __future__ import annotations
 
-import logging
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -28,14 +26,13 @@ from torch import Tensor, nn
 
 from models.card import ModelCard
 from models.errors import ExportError
-from models.export import INPUT_NAME, write_with_card
+from models.export import INPUT_NAME, export_target, write_traced
 from models.panoptic.mask_head import MASK_SIZE
 
 __all__ = [
     "INSTANCE_OUTPUTS", "InstanceHead", "check_instance_onnx", "export_instance_onnx", "reference_image",
 ]
 
-logger = logging.getLogger(__name__)
 
 INSTANCE_OUTPUTS = ("boxes", "scores", "classes", "masks")
 """Names of the exported graph's outputs."""
@@ -65,11 +62,6 @@ def reference_image(height: int = _CHECK_SIZE, width: int = _CHECK_SIZE) -> Tens
     """The seeded random 1×3×H×W RGB 0..255 image of the export check."""
     generator = torch.Generator().manual_seed(_CHECK_SEED)
     return torch.rand(1, 3, height, width, generator=generator) * 255.0
-
-
-def _n_classes(card: ModelCard) -> int:
-    """Box-head classes (background included) the card describes."""
-    return len(card.classes) if card.classes else 2
 
 
 def export_instance_onnx(
@@ -104,26 +96,20 @@ def export_instance_onnx(
     ExportError
         The exporter or ONNX Runtime failed, or the outputs break the contract.
     """
-    output = Path(output)
     if card.family != "instance":
         raise ValueError(f"card family must be 'instance', got {card.family!r}")
-    if not output.parent.is_dir():
-        raise ValueError(f"output folder {output.parent} does not exist")
+    output = export_target(output)
     n_classes = getattr(model, "num_classes", None)
-    if n_classes is not None and n_classes != _n_classes(card):
+    if n_classes is not None and n_classes != card.label_channels:
         raise ValueError(f"the model has {n_classes} box classes (background included) but the card "
-                         f"describes {_n_classes(card)}")
+                         f"describes {card.label_channels}")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
     head = InstanceHead(model.cpu()).eval()
     try:
-        with tempfile.TemporaryDirectory(dir=output.parent, prefix=".export-") as tmp:
-            traced = Path(tmp) / "traced.onnx"
-            _trace(head, reference_image(), traced, opset=opset)
-            write_with_card(traced, card, output)
+        write_traced(lambda traced: _trace(head, reference_image(), traced, opset=opset), card, output)
     finally:
         model.to(device).train(was_training)
-    logger.info("exported %s (%.1f MB)", output, output.stat().st_size / 1e6)
     if check:
         check_instance_onnx(output, card)
     return output
@@ -179,7 +165,7 @@ def check_instance_onnx(
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ExportError(f"ONNX Runtime cannot run {path}: {exc}") from exc
     outputs = dict(zip(names, values, strict=True))
-    _validate(outputs, _n_classes(card) - 1, path)
+    _validate(outputs, card.label_channels - 1, path)
     return outputs
 
 

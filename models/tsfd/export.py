@@ -8,8 +8,6 @@ input; batch axis dynamic. The tissue logits are training-only and not exported.
 
 from __future__ import annotations
 
-import logging
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,11 +17,10 @@ from torch import Tensor, nn
 
 from models.card import ModelCard
 from models.errors import ExportError
-from models.export import INPUT_NAME, write_with_card
+from models.export import INPUT_NAME, export_target, write_traced
 
 __all__ = ["BOUNDARY_OUTPUTS", "BoundaryHead", "check_boundary_onnx", "export_boundary_onnx"]
 
-logger = logging.getLogger(__name__)
 
 BOUNDARY_OUTPUTS = ("sem_prob", "boundary_prob")
 """Names of the exported graph's outputs."""
@@ -43,10 +40,6 @@ class BoundaryHead(nn.Module):
         if not isinstance(out, dict) or "sem" not in out or "boundary" not in out:
             raise ValueError("model.forward must return a dict with 'sem' and 'boundary' logits")
         return torch.softmax(out["sem"], dim=1), torch.sigmoid(out["boundary"])
-
-
-def _n_channels(card: ModelCard) -> int:
-    return len(card.classes) if card.classes else 2
 
 
 def export_boundary_onnx(
@@ -80,23 +73,17 @@ def export_boundary_onnx(
     ExportError
         The exporter or ONNX Runtime failed, or the outputs are misshapen or not finite.
     """
-    output = Path(output)
     if card.family != "boundary":
         raise ValueError(f"card family must be 'boundary', got {card.family!r}")
-    if not output.parent.is_dir():
-        raise ValueError(f"output folder {output.parent} does not exist")
+    output = export_target(output)
     sample = random_image(1, card.input_size)
     head = BoundaryHead(model)
     was_training = model.training
     model.eval()
     try:
-        with tempfile.TemporaryDirectory(dir=output.parent, prefix=".export-") as tmp:
-            traced = Path(tmp) / "traced.onnx"
-            _trace(head, sample, traced, opset=opset)
-            write_with_card(traced, card, output)
+        write_traced(lambda traced: _trace(head, sample, traced, opset=opset), card, output)
     finally:
         model.train(was_training)
-    logger.info("exported %s (%.1f MB)", output, output.stat().st_size / 1e6)
     if check:
         check_boundary_onnx(output, card)
     return output
@@ -149,7 +136,7 @@ def check_boundary_onnx(path: str | Path, card: ModelCard, *, batch: int = 1) ->
         raise ExportError(f"ONNX Runtime cannot run {path}: {exc}") from exc
     outputs = dict(zip(names, values, strict=True))
     size = card.output_size
-    expected = {"sem_prob": (batch, _n_channels(card), size, size), "boundary_prob": (batch, 1, size, size)}
+    expected = {"sem_prob": (batch, card.label_channels, size, size), "boundary_prob": (batch, 1, size, size)}
     if set(outputs) != set(expected):
         raise ExportError(f"{path}: outputs {sorted(outputs)}, expected {sorted(expected)}")
     for name, shape in expected.items():
