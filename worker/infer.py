@@ -285,6 +285,8 @@ def predict_maps(
     elif out.box != maps_box or set(out.arrays) != {spec.name for spec in model.map_specs}:
         # Caller-provided (e.g. shared-memory) buffers, zero-filled, shaped like the maps box.
         raise ValueError(f"out maps for {out.box} do not fit {maps_box} / this model")
+    if model.runner.whole_box:
+        return _predict_box(model, image, maps_box, out, tile_wanted)
 
     def place(t: Box, tile_maps: Mapping[str, NDArray]) -> None:
         r, c = t.row0 - maps_box.row0, t.col0 - maps_box.col0
@@ -293,9 +295,6 @@ def predict_maps(
 
     def kept(t: Box) -> bool:
         return shared is not None and shared(t)
-
-    if model.runner.whole_box:
-        return _predict_box(model, image, maps_box, out, tile_wanted)
 
     tiles: list[Box] = []
     for t in tile_boxes(maps_box, tile=size):
