@@ -77,6 +77,13 @@ class PanopticNet(nn.Module):
         Lowest box score kept at inference (the card's post-processing filters again).
     nms_threshold : float
         IoU above which the box head's non-maximum suppression drops the lower-scored box.
+    train_proposals : int
+        Proposals the RPN hands the box head per training image (testing keeps 2000).
+    roi_samples, roi_positive_fraction : int, float
+        RoIs the box and mask heads learn from per training image, and the most of them that
+        are nuclei. On a CPU, RoIAlign's backward pass over the sampled RoIs dominates a step,
+        so fewer RoIs than torchvision's 512 (a quarter nuclei), half of them nuclei: the
+        settings of the CPU runs in docs/model-card.md.
     """
 
     def __init__(
@@ -93,6 +100,9 @@ class PanopticNet(nn.Module):
         detections_per_image: int = 2000,
         score_threshold: float = 0.05,
         nms_threshold: float = 0.5,
+        train_proposals: int = 1000,
+        roi_samples: int = 128,
+        roi_positive_fraction: float = 0.5,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -107,12 +117,13 @@ class PanopticNet(nn.Module):
             anchors, RPNHead(width, anchors.num_anchors_per_location()[0]),
             fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256, positive_fraction=0.5,
             pre_nms_top_n={"training": 4000, "testing": 4000},
-            post_nms_top_n={"training": 2000, "testing": 2000}, nms_thresh=0.7,
+            post_nms_top_n={"training": train_proposals, "testing": 2000}, nms_thresh=0.7,
         )
         box_pool = MultiScaleRoIAlign(featmap_names=levels, output_size=7, sampling_ratio=2)
         self.roi_heads = RoIHeads(
             box_pool, TwoMLPHead(width * 7 * 7, box_width), FastRCNNPredictor(box_width, num_classes),
-            fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=512, positive_fraction=0.25,
+            fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=roi_samples,
+            positive_fraction=roi_positive_fraction,
             bbox_reg_weights=None, score_thresh=score_threshold, nms_thresh=nms_threshold,
             detections_per_img=detections_per_image,
             mask_roi_pool=RecordingRoIAlign(levels), mask_head=nn.Identity(),

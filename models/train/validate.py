@@ -23,7 +23,7 @@ from models.train.config import TrainConfig
 from models.train.data import Item
 from models.train.families import FAMILIES
 
-__all__ = ["Validator", "predict_maps", "predict_outputs", "summarise"]
+__all__ = ["Validator", "predict_detections", "predict_maps", "predict_outputs", "summarise"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,32 @@ def predict_outputs(
         raise ValueError(f"the network returns {sorted(out)}, the logits of no model family")
     probs = found[0].probabilities(out)
     return {name: value[:, :, rows, cols].float().cpu().numpy() for name, value in probs.items()}
+
+
+@torch.no_grad()
+def predict_detections(
+    model: nn.Module, image: NDArray[np.uint8], *, margin: int, multiple: int = 1,
+    device: torch.device | str = "cpu",
+) -> dict[str, NDArray]:
+    """Run a detector (the ``instance`` family) on a whole image as its exported graph would on
+    the image framed in white (what a slide job and ``hoverserve model evaluate`` give a
+    whole-box family beyond an image's edge): ``margin`` pixels on each side, and below and
+    right of it as many more as bring its sides to multiples of ``multiple``.
+
+    Returns
+    -------
+    dict of str to ndarray
+        The graph's outputs (:data:`models.panoptic.export.INSTANCE_OUTPUTS`): ``boxes`` (K, 4)
+        in the framed image's pixels, ``scores`` (K,), ``classes`` (K,) int64 and ``masks``
+        (K, 1, 28, 28), by descending score.
+    """
+    from models.panoptic.export import INSTANCE_OUTPUTS, InstanceHead
+
+    rows, cols = (-image.shape[0]) % multiple, (-image.shape[1]) % multiple
+    framed = np.pad(image, ((margin, margin + rows), (margin, margin + cols), (0, 0)), constant_values=255)
+    tensor = torch.from_numpy(np.ascontiguousarray(framed)).permute(2, 0, 1)[None].float().to(device)
+    outputs = InstanceHead(model)(tensor)
+    return {name: value.cpu().numpy() for name, value in zip(INSTANCE_OUTPUTS, outputs, strict=True)}
 
 
 def summarise(results: dict[str, dict[str, Any]]) -> dict[str, float]:

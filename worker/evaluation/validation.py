@@ -24,7 +24,7 @@ from models.evaluate import evaluate_dataset, radius_for_mpp
 from models.train.config import TrainConfig
 from models.train.data import Item
 from models.train.release import card_for
-from models.train.validate import predict_outputs, summarise
+from models.train.validate import predict_detections, predict_outputs, summarise
 from worker.evaluation.model import ImageMaps, instances_from_maps
 from worker.families import job_options, runner_for
 
@@ -53,14 +53,32 @@ def item_maps(model: nn.Module, item: Item, card: ModelCard) -> ImageMaps:
 
 def _item_maps(model: nn.Module, item: Item, card: ModelCard) -> tuple[ImageMaps, bool]:
     # The maps, and whether the network classifies (the runner's answer for its outputs).
+    runner = runner_for(card)
+    if runner.whole_box:
+        maps, outputs = _detector_maps(model, item, card)
+        return maps, runner.typed(card, outputs)
     # As a batch of one patch under the exported graph's output names.
     result = predict_outputs(model, item.image, card.family, device=_device(model))
-    runner = runner_for(card)
     outputs = runner.network_outputs(card, list(result))
     tiles = runner.tile_maps({name: result[name] for name in outputs}, 0)
     arrays = {spec.name: np.asarray(tiles[spec.name], spec.dtype)
               for spec in runner.map_specs(card, outputs)}
     return ImageMaps(arrays=arrays, shape=item.inst.shape[:2]), runner.typed(card, outputs)
+
+
+def _detector_maps(model: nn.Module, item: Item, card: ModelCard) -> tuple[ImageMaps, tuple[str, ...]]:
+    # The item as one box (a slide region's core, whole tiles, and its margin), every tile
+    # analysed, framed as `model evaluate` frames it; and the outputs the network gave.
+    runner = runner_for(card)
+    height, width = item.inst.shape[:2]
+    tile = card.output_size
+    result = predict_detections(model, item.image, margin=card.margin, multiple=tile,
+                                device=_device(model))
+    outputs = runner.network_outputs(card, list(result))
+    wanted = np.ones((-(-height // tile), -(-width // tile)), bool)
+    maps = runner.box_maps(result, card, wanted=wanted)
+    arrays = {name: array[:height, :width] for name, array in maps.items()}
+    return ImageMaps(arrays=arrays, shape=(height, width)), outputs
 
 
 def score_items(model: nn.Module, items: Sequence[Item], card: ModelCard) -> dict[str, dict[str, Any]]:

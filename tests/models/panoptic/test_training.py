@@ -18,6 +18,7 @@ from models.train.families import FAMILIES, family_of, training_family
 from models.train.loop import build_model, run_training
 from models.train.panoptic import PanopticLoss, collate_panoptic, panoptic_forward
 from models.train.release import card_for, export_trained
+from worker.evaluation.validation import validate_training
 
 PANOPTIC = REPO_ROOT / "configs" / "panoptic.yaml"
 
@@ -26,7 +27,8 @@ def _smoke(tmp_path: Path) -> TrainConfig:
     """configs/panoptic.yaml shrunk to 3 steps of the tiny network on four shared images."""
     config = load_config(PANOPTIC)
     data = config.data.model_copy(update={
-        "sources": ("tnbc", "monuseg"), "max_items_per_source": 2, "patch_size": 96, "source_weights": {}})
+        "sources": ("tnbc", "monuseg"), "max_items_per_source": 2, "patch_size": 96, "source_weights": {},
+        "holdout": ("monuseg_TCGA-21-5786-01Z-00-DX1",)})
     model = config.model.model_copy(update={"architecture": "panoptic-tiny"})
     card = config.card.model_copy(update={"input_size": 96, "output_size": 96})
     return config.model_copy(update={
@@ -77,10 +79,14 @@ def test_the_training_forward_gives_the_terms_the_loss_weighs() -> None:
 @pytest.mark.slow
 def test_panoptic_trains_three_steps_and_exports_an_instance_model(tmp_path: Path) -> None:
     config = _smoke(tmp_path)
-    checkpoint = run_training(config, device="cpu", progress=False)
+    checkpoint = run_training(config, device="cpu", progress=False, validate=validate_training)
     log = [json.loads(line) for line in (config.run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) and set(LOSS_TERMS) <= set(r) for r in log)
+    # the held-out image is scored through the instance family's post-processing at the end
+    scores = [json.loads(line) for line in (config.run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in scores] == [3]
+    assert 0.0 <= scores[0]["monuseg/aji"] <= 1.0 and (config.run_dir / "best.pt").exists()
     output = tmp_path / "panoptic.onnx"
     card = export_trained(checkpoint, output)
     assert card.family == "instance" and read_card(output).name == "hoverserve-panoptic"
