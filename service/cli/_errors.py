@@ -9,19 +9,24 @@ is printed, never a traceback. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
 from models.errors import ModelError
 from worker.errors import WorkerError
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_USAGE", "UsageError", "fail", "run"]
+__all__ = ["EXIT_BROKEN_PIPE", "EXIT_INTERRUPTED", "EXIT_USAGE", "UsageError", "fail", "run"]
 
 EXIT_USAGE = 2
 """Exit status for bad input (unreadable slide, bad option, missing model...)."""
 
 EXIT_INTERRUPTED = 130
 """Exit status after Ctrl-C (128 + SIGINT, as a shell reports it)."""
+
+EXIT_BROKEN_PIPE = 141
+"""Exit status when the reader of the output went away (``| head``): 128 + SIGPIPE, as a shell
+tool killed by the signal reports."""
 
 TORCH_HINT = "this command needs PyTorch: pip install -e '.[torch]'"
 """Training, export and data caching need the optional PyTorch extra; inference does not."""
@@ -79,3 +84,8 @@ def run(command: Callable[[argparse.Namespace], int | None], args: argparse.Name
     except KeyboardInterrupt:
         print("hoverserve: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; pointing it at /dev/null keeps that quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE

@@ -270,3 +270,14 @@ def test_point_data_evaluate_and_calibrate(oracle_model: Path, tmp_path: Path,
     assert read_card(out).postprocess["class_prob_calibration"]
     assert main(["model", "evaluate", str(oracle_model), str(data), "--np-threshold", "0.4"]) == EXIT_USAGE
     assert "point labels" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # `hoverserve model info NAME | true`: the reader is gone before the first write
+    shell = subprocess.run(
+        f"'{sys.executable}' -m service.cli model info hoverserve-conic-wide | true",
+        shell=True, capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert shell.stderr == ""

@@ -12,41 +12,16 @@ depends on its neighbourhood alone, not on the extent of the region that holds i
 from __future__ import annotations
 
 import fsspec
-import numpy as np
 import pytest
 import shapely
 
 from models.zoo import resolve_model
 from tests.service._server import CMU1
-from worker.nuclei import NucleusTable
+from tests.worker._seams import IDENTICAL_IOU, best_iou, overlapping_pairs, polygons
 from worker.options import InferenceOptions
 from worker.pipeline import run_slide
 
 SIZES = (512, 1024, 2048)
-IDENTICAL_IOU = 0.95
-
-
-def polygons(table: NucleusTable) -> list[shapely.Polygon]:
-    return [shapely.Polygon(table.polygon(i)) for i in range(len(table))]
-
-
-def best_iou(polys: list[shapely.Polygon], others: list[shapely.Polygon]) -> np.ndarray:
-    """For each polygon, its highest IoU with any of ``others``."""
-    tree = shapely.STRtree(others)
-    best = np.zeros(len(polys))
-    for i, poly in enumerate(polys):
-        for j in tree.query(poly, predicate="intersects"):
-            inter = poly.intersection(others[j]).area
-            best[i] = max(best[i], inter / (poly.area + others[j].area - inter))
-    return best
-
-
-def overlapping_pairs(polys: list[shapely.Polygon]) -> int:
-    """Pairs of nuclei sharing area (touching along an edge does not count)."""
-    tree = shapely.STRtree(polys)
-    left, right = tree.query(polys, predicate="intersects")
-    return sum(1 for i, j in zip(left, right, strict=True)
-               if i < j and polys[i].intersection(polys[j]).area > 1e-6)
 
 
 @pytest.fixture(scope="module")
