@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from models.families import MAX_UPSAMPLE, HoverOptions
+from models.families import MAX_UPSAMPLE, HoverOptions, InstanceOptions
 from models.zoo import ModelNotFound, resolve_model
 from service.cli._errors import UsageError
 from worker.options import (
@@ -123,9 +123,11 @@ def upsample_factor(text: str) -> int:
 
 
 def postprocess_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The post-processing options given on the command line (``--np-threshold`` etc. are named
-    after the card keys), None or empty where not given."""
-    return {key: getattr(args, key, None) for key in HoverOptions.KEYS}
+    """The post-processing options given on the command line (``--np-threshold``,
+    ``--score-threshold`` etc. are named after the card keys of every family), None or empty
+    where not given."""
+    keys = dict.fromkeys((*HoverOptions.KEYS, *InstanceOptions.KEYS))
+    return {key: getattr(args, key, None) for key in keys}
 
 
 def model_file(name: str | None, option: str | None = None) -> Path:

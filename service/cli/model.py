@@ -44,7 +44,6 @@ def _cmd_model_import(args: argparse.Namespace) -> int:
 
 def _cmd_model_set_postprocess(args: argparse.Namespace) -> int:
     from models.card import read_card, replace_card
-    from models.families import HoverOptions
 
     source = _args.model_file(args.model)
     card = read_card(source)
@@ -53,9 +52,14 @@ def _cmd_model_set_postprocess(args: argparse.Namespace) -> int:
         asked["edge_range"] = None
     elif args.measure_edge_range:
         asked["edge_range"] = list(_measured_edge_range(source, args.measure_edge_range))
+    known = type(card.options).KEYS
+    foreign = [k for k in asked if k not in known]
+    if foreign:
+        raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in foreign)}: not an option of "
+                         f"a {card.family} model (its options: {', '.join(known)})")
     postprocess = {**card.postprocess, **asked}
     try:
-        HoverOptions.from_mapping(postprocess)
+        card.model_copy(update={"postprocess": postprocess})
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     update: dict[str, Any] = {"postprocess": postprocess}
@@ -230,6 +234,10 @@ def _add_set_postprocess(msub: _args.Subparsers) -> None:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--np-threshold", type=_args.probability, metavar="T")
     p.add_argument("--marker-threshold", type=_args.probability, metavar="T")
+    p.add_argument("--score-threshold", type=_args.probability, metavar="T",
+                   help="instance models: lowest detection score kept")
+    p.add_argument("--mask-threshold", type=_args.probability, metavar="T",
+                   help="instance models: mask probability above which a pixel is the nucleus's")
     p.add_argument("--min-class-prob", type=_args.probability, metavar="P",
                    help="nuclei below this class probability are reported unclassified")
     p.add_argument("--upsample", type=_args.upsample_factor, metavar="N",

@@ -118,6 +118,10 @@ def add_evaluate(msub: _args.Subparsers) -> None:
                    help="nucleus-probability threshold(s) instead of the card's; several: a sweep")
     p.add_argument("--marker-threshold", nargs="+", type=_args.probability, metavar="T",
                    help="marker threshold(s) instead of the card's; with --np-threshold, every pair")
+    p.add_argument("--score-threshold", nargs="+", type=_args.probability, metavar="T",
+                   help="instance models: detection score threshold(s) instead of the card's")
+    p.add_argument("--mask-threshold", nargs="+", type=_args.probability, metavar="T",
+                   help="instance models: mask threshold(s) instead of the card's; every pair")
     p.add_argument("--upsample", nargs="+", type=_args.upsample_factor, metavar="N",
                    help=f"post-process the maps upsampled N times (1-{MAX_UPSAMPLE}) instead of the "
                         "card's factor")

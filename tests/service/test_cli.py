@@ -281,3 +281,40 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
         f"'{sys.executable}' -m service.cli model info hoverserve-conic-wide | true",
         shell=True, capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert shell.stderr == ""
+
+
+def test_an_instance_models_options_are_set_and_swept_by_their_own_flags(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from models.card import read_card
+    from tests._synthetic import CLASSES
+    from tests._synthetic_instance import build_instance_oracle, draw_disks, encode_disk_slide
+
+    detector = build_instance_oracle(tmp_path / "disks.onnx")
+    out = tmp_path / "strict.onnx"
+    assert main(["model", "set-postprocess", str(detector), "-o", str(out), "--score-threshold", "0.7",
+                 "--mask-threshold", "0.4"]) == 0
+    assert read_card(out).postprocess == {"score_threshold": 0.7, "mask_threshold": 0.4}
+    # a hover option means nothing to a detector: refused by name, nothing written
+    capsys.readouterr()
+    assert main(["model", "set-postprocess", str(detector), "-o", str(tmp_path / "x.onnx"),
+                 "--np-threshold", "0.6"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--np-threshold" in err and "instance" in err and not (tmp_path / "x.onnx").exists()
+    # the sweep: the oracle scores 0.5 (top of an input) to 0.9 (bottom), so a 0.95 threshold
+    # keeps no nucleus and 0.3 keeps every one
+    shape = (96, 96)
+    disks, classes = draw_disks(shape, 8, seed=3)
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    inst = np.zeros(shape, np.int32)
+    for label, (row, col, r) in enumerate(disks.tolist(), 1):
+        inst[(rows - row) ** 2 + (cols - col) ** 2 <= r * r] = label
+    data = tmp_path / "disks.npz"
+    np.savez(data, images=encode_disk_slide(shape, disks, classes)[None], inst=inst[None],
+             type_map=np.r_[0, classes][inst][None].astype(np.uint8), names=np.array(["disks"]),
+             mpp=np.float32(0.25), class_names=np.array([c.name for c in CLASSES]))
+    report = tmp_path / "sweep.json"
+    assert main(["model", "evaluate", str(detector), str(data), "--score-threshold", "0.3", "0.95",
+                 "--json", str(report)]) == 0
+    loose, strict = json.loads(report.read_text())[str(data)]
+    assert loose["postprocess"]["score_threshold"] == 0.3 and loose["detection"]["f1"] == 1.0
+    assert strict["detection"]["tp"] == 0

@@ -12,6 +12,7 @@ Data sets: the layouts :func:`models.datasets.read_labelled` reads.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
@@ -194,6 +195,15 @@ def _check_settings(card: ModelCard, settings: Sequence[Mapping[str, Any]]) -> l
     return [dataclasses.replace(base, **setting) for setting in settings]
 
 
+def _with_options(model: Model, setting: Mapping[str, Any]) -> Model:
+    """``model`` whose card carries ``setting`` in its post-processing (the same session)."""
+    if not setting:
+        return model
+    tuned = copy.copy(model)
+    tuned.card = model.card.model_copy(update={"postprocess": {**model.card.postprocess, **setting}})
+    return tuned
+
+
 def sweep_postprocess(
     model_path: str | Path,
     data: str | Path,
@@ -233,9 +243,15 @@ def sweep_postprocess(
         )
         typed = False
     pairs: list[list[tuple]] = [[] for _ in options]
+    # A whole-box family applies its options when it pastes the detections into maps, so each
+    # setting predicts again; a dense family's maps serve every setting.
+    tuned = [_with_options(model, s) for s in settings] if model.runner.whole_box else None
     for im in tqdm(images, disable=not progress, desc=Path(data).name):
-        maps = predict_image_maps(model, im.image, im.mpp)
-        for found, option in zip(pairs, options, strict=True):
+        shared = None if tuned else predict_image_maps(model, im.image, im.mpp)
+        for k, (found, option) in enumerate(zip(pairs, options, strict=True)):
+            maps = shared if tuned is None else predict_image_maps(tuned[k], im.image, im.mpp)
+            if maps is None:
+                raise RuntimeError("no maps predicted")  # unreachable: narrows the type
             labels, types = instances_from_maps(maps, card, option, typed=model.typed)
             found.append((labels, types if typed else None, im.inst, im.types if typed else None))
     return [
