@@ -61,8 +61,10 @@ class FamilyRunner(Protocol):
     name: str
     whole_box: bool
     """One patch per region (the region's whole input) instead of the slide-wide tile grid."""
-    max_region_size: int | None
-    """Largest region core side (model pixels) the family can run, whatever a job asks."""
+
+    def region_cap(self, card: ModelCard) -> int | None:
+        """Largest region core side (model pixels) the family runs, whatever a job asks."""
+        ...
 
     def network_outputs(self, card: ModelCard, available: Sequence[str]) -> tuple[str, ...]:
         """The graph outputs to fetch (required ones missing → ValueError naming them)."""
@@ -119,7 +121,9 @@ class HoverRunner(_Tiled):
 
     name = "hover"
     whole_box = False
-    max_region_size: int | None = None
+
+    def region_cap(self, card: ModelCard) -> int | None:
+        return None
 
     def network_outputs(self, card: ModelCard, available: Sequence[str]) -> tuple[str, ...]:
         _required(card, available)
@@ -158,7 +162,9 @@ class BoundaryRunner(_Tiled):
 
     name = "boundary"
     whole_box = False
-    max_region_size: int | None = None
+
+    def region_cap(self, card: ModelCard) -> int | None:
+        return None
 
     def network_outputs(self, card: ModelCard, available: Sequence[str]) -> tuple[str, ...]:
         _required(card, available)
@@ -190,6 +196,10 @@ class BoundaryRunner(_Tiled):
                                   boundary_threshold=options.boundary_threshold, typed=typed)
 
 
+WHOLE_BOX_CORE = 256
+"""Region core side (model pixels) of the instance family: the panoptic network's training patch."""
+
+
 class InstanceRunner:
     """Panoptic (Mask R-CNN) family: scored boxes with box-relative masks, one image per run.
 
@@ -200,10 +210,15 @@ class InstanceRunner:
 
     name = "instance"
     whole_box = True
-    # A region is one network input: its detections are capped (the graph keeps at most ~2000
-    # per image), and the densest tissue holds ~10,000 nuclei per mm². 768² model pixels at
-    # 0.5 µm/px (0.15 mm²) stay well below the cap; the halo then costs ~35 % more pixels.
-    max_region_size: int | None = 768
+
+    def region_cap(self, card: ModelCard) -> int | None:
+        # Every region core is this side (or less at the area's edge), so every network input is
+        # the same size on the slide-wide tile grid whatever region size a job asks for, and a
+        # nucleus's detection cannot depend on it. Larger inputs lose nuclei: the graph's RPN
+        # keeps 2000 proposals per input (CMU-1-Small-Region with cores of 256, 512 and 768
+        # and one-tile halos: 2,754, 2,571 and 2,409 nuclei, 78-87 % identical). The input is
+        # the core, its halo and the card's margin.
+        return max(card.output_size, WHOLE_BOX_CORE // card.output_size * card.output_size)
 
     def network_outputs(self, card: ModelCard, available: Sequence[str]) -> tuple[str, ...]:
         _required(card, available)

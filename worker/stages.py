@@ -67,12 +67,12 @@ def _core_size(card: ModelCard, options: InferenceOptions, halo: int) -> int:
     Post-processing holds a region's maps (core + halo) upsampled by the card's factor: a core
     whose upsampled maps are no larger than a plain region's keeps memory what region_size
     promises (rounded down to whole tiles, as the plan would otherwise round it up). A family
-    that runs a region as one network input caps its side (``max_region_size``).
+    that runs a region as one network input caps its side (``region_cap``).
     """
     from worker.families import runner_for
 
     tile = card.output_size
-    cap = runner_for(card).max_region_size
+    cap = runner_for(card).region_cap(card)
     size = options.region_size if cap is None else min(options.region_size, max(tile, cap // tile * tile))
     factor = card.options.grid_scale
     if factor == 1:

@@ -98,10 +98,10 @@ def test_evaluation_pads_images_for_detectors_with_white_not_a_mirror(scene) -> 
     assert ids[199, 120] > 0 and ids[100, 299] > 0  # the cut disks reach the edges
 
 
-def test_a_detector_region_is_capped_at_the_familys_largest_input(scene, tmp_path: Path) -> None:
-    # Detections per network input are capped, so a job's large region size must not make one
-    # input hold more nuclei than that: regions of an instance model stay within 768 px.
-    from worker.families import InstanceRunner
+def test_a_detector_region_core_has_one_size_whatever_the_job_asks(scene, tmp_path: Path) -> None:
+    # Proposals per network input are capped, so every region core of an instance model is
+    # WHOLE_BOX_CORE square (whole tiles): a job's region size changes nothing.
+    from worker.families import WHOLE_BOX_CORE
     from worker.infer import load_model as load
     from worker.stages import prepare
 
@@ -109,5 +109,5 @@ def test_a_detector_region_is_capped_at_the_familys_largest_input(scene, tmp_pat
     card = load(scene[0]).card
     plan = prepare(blank, card, InferenceOptions(model=scene[0], tissue="none", region_size=4096))
     sides = {max(r.core.height, r.core.width) for r in plan.regions}
-    assert max(sides) <= InstanceRunner.max_region_size == 768
-    assert len(plan.regions) >= 9
+    assert max(sides) == WHOLE_BOX_CORE and WHOLE_BOX_CORE % card.output_size == 0  # (less at the edge)
+    assert len(plan.regions) == (-(-2000 // WHOLE_BOX_CORE)) ** 2
