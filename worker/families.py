@@ -214,10 +214,11 @@ class InstanceRunner:
     def region_cap(self, card: ModelCard) -> int | None:
         # Every region core is this side (or less at the area's edge), so every network input is
         # the same size on the slide-wide tile grid whatever region size a job asks for, and a
-        # nucleus's detection cannot depend on it. Larger inputs lose nuclei: the graph's RPN
-        # keeps 2000 proposals per input (CMU-1-Small-Region with cores of 256, 512 and 768
-        # and one-tile halos: 2,754, 2,571 and 2,409 nuclei, 78-87 % identical). The input is
-        # the core, its halo and the card's margin.
+        # nucleus's detection cannot depend on it. A detector's output depends on its whole
+        # input, and larger inputs lost nuclei (the RPN keeps 2000 proposals per input; the
+        # network trains on 256-px patches): CMU-1-Small-Region with cores of 256, 512 and 768
+        # gave 2,754, 2,571 and 2,409 nuclei, 78-87 % identical. The input is the core, its
+        # halo and the card's margin.
         return max(card.output_size, WHOLE_BOX_CORE // card.output_size * card.output_size)
 
     def network_outputs(self, card: ModelCard, available: Sequence[str]) -> tuple[str, ...]:

@@ -284,6 +284,9 @@ def paste_detections(
         if pasted is None:
             continue
         row, col, patch = pasted
+        # A nucleus has no holes: a ring-shaped mask would leave room for another nucleus that
+        # its outline (an outer ring only) then covers.
+        patch = ndimage.binary_fill_holes(patch)
         area = int(patch.sum())
         if not area:
             continue
@@ -294,6 +297,8 @@ def paste_detections(
         keep = _largest_piece(claim)
         if int(keep.sum()) < min_size:
             continue
+        if (ndimage.binary_fill_holes(keep) & ~keep).any():
+            continue  # it would enclose a nucleus already kept, which its outline would cover
         n += 1
         instances[window][keep] = n
         class_map[window][keep] = cls[k]

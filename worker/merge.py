@@ -21,10 +21,14 @@ from worker.nuclei import Nucleus, NucleusTable
 from worker.plan import Box, Region
 from worker.read import ModelGrid
 
-__all__ = ["SEAM_BAND", "region_table", "reported", "resolve_seams"]
+__all__ = ["DETECTOR_SEAM_BAND", "DUPLICATE_IOU", "SEAM_BAND", "region_table", "reported", "resolve_seams"]
 
 SEAM_BAND = 3.0
 """Width, model pixels, of the band outside a core whose nuclei a region also reports."""
+
+DETECTOR_SEAM_BAND = 24.0
+"""The band (model pixels) in which :func:`resolve_seams` looks for a whole-box family's seam
+duplicates: nuclei within twice this of a core edge, i.e. up to a large nucleus away."""
 
 DUPLICATE_IOU = 0.2
 """Two nuclei from different regions overlapping more than this are the same nucleus."""

@@ -2,7 +2,8 @@
 a hover model, valid for QuPath.
 
 The model is the disk-detecting oracle of :mod:`tests._synthetic_instance`, so the counts are
-known exactly.
+known exactly; then the shipped panoptic model (``hoverserve-panoptic``) by name on a box of a
+real slide, where the CLI and a job must report the same nuclei.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import pytest
 from service.cli import main
 from tests._synthetic import write_tiff
 from tests._synthetic_instance import build_instance_oracle, draw_disks, encode_disk_slide
-from tests.service._server import Server, qupath_check, service_env, submit, wait_for
+from tests.service._server import CMU1, Server, qupath_check, service_env, submit, wait_for
 
 pytestmark = pytest.mark.slow
 
 SHAPE = (400, 600)
+PANOPTIC = "hoverserve-panoptic"
+ROI = (700, 1000, 640, 640)
+"""A tissue box of CMU-1-Small-Region (level-0 px at 20x), across 4 x 4 region cores."""
 RESULTS = {"nuclei.geojson.gz", "counts.json", "manifest.json", "overlay.png", "nuclei.zarr.zip"}
 
 
@@ -79,3 +83,37 @@ def test_an_api_job_with_an_instance_model_gives_the_same_kinds_of_results(
     path = tmp_path / "nuclei.geojson.gz"
     path.write_bytes(client.get(job["results"]["nuclei.geojson.gz"]).content)
     _valid_geojson(path, drawn)
+
+
+@pytest.fixture(scope="module")
+def panoptic_cli(home: Path) -> Path:
+    out = home / "panoptic-cli"
+    assert main(["infer", str(CMU1), "--model", PANOPTIC, "--roi", ",".join(map(str, ROI)),
+                 "--out", str(out), "-q"]) == 0
+    return out
+
+
+def test_the_shipped_panoptic_model_is_an_instance_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["model", "info", PANOPTIC]) == 0
+    assert json.loads(capsys.readouterr().out)["family"] == "instance"
+
+
+def test_the_cli_runs_the_shipped_panoptic_model_by_name(panoptic_cli: Path) -> None:
+    assert {p.name for p in panoptic_cli.iterdir()} >= RESULTS
+    counts = json.loads((panoptic_cli / "counts.json").read_text())
+    assert counts["total"] > 100  # a 0.1 mm² box of dense tissue
+    _valid_geojson(panoptic_cli / "nuclei.geojson.gz", counts["total"])
+
+
+def test_a_job_with_the_shipped_panoptic_model_reports_what_the_cli_does(
+        client: httpx.Client, panoptic_cli: Path, tmp_path: Path) -> None:
+    response = submit(client, CMU1, {"model": PANOPTIC, "roi": list(ROI)})
+    assert response.status_code == 202, response.text
+    job = wait_for(client, response.json()["id"])
+    assert job["state"] == "succeeded", job
+    assert set(job["results"]) >= RESULTS
+    counts = client.get(job["results"]["counts.json"]).json()
+    assert counts == json.loads((panoptic_cli / "counts.json").read_text())
+    path = tmp_path / "nuclei.geojson.gz"
+    path.write_bytes(client.get(job["results"]["nuclei.geojson.gz"]).content)
+    _valid_geojson(path, counts["total"])

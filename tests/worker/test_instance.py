@@ -254,9 +254,10 @@ def _reference_mask(box, mask, height, width) -> np.ndarray:
             value = ((1 - fy) * ((1 - fx) * mask[i, j] + fx * mask[i, j + 1])
                      + fy * ((1 - fx) * mask[i + 1, j] + fx * mask[i + 1, j + 1]))
             out[v, u] = value > 0.5
-    # what a single detection keeps: its largest 4-connected piece
+    # what a single detection keeps: its largest 4-connected piece of the mask, holes filled
     from scipy import ndimage
 
+    out = ndimage.binary_fill_holes(out)
     pieces, n = ndimage.label(out)
     if n > 1:
         sizes = np.bincount(pieces.ravel())[1:]
@@ -389,3 +390,17 @@ def test_a_bad_resolution_is_refused(mpp) -> None:
         instance_sizes(mpp)
     with pytest.raises(ValueError, match="mpp"):
         instance_nuclei(two_nuclei(), mpp=mpp, typed=False)
+
+
+def test_a_ring_shaped_mask_is_a_disc_and_keeps_what_it_encloses_out() -> None:
+    ring = np.array(FULL, np.float32)
+    third = ring.shape[0] // 3
+    ring[third:-third, third:-third] = 0.0  # a hole in the middle third
+    boxes = [[0.0, 0.0, 9.0, 9.0], [3.0, 3.0, 6.0, 6.0]]
+    # the ring first (higher score): filled, it claims its middle, so the detection inside it is
+    # a duplicate and dropped
+    maps = paste(boxes, [0.9, 0.8], masks=[ring, FULL], height=9, width=9)
+    np.testing.assert_array_equal(maps.instances, np.ones((9, 9), np.int32))
+    # the small one first: the ring would enclose it (its outline would cover it), so it goes
+    maps = paste(boxes, [0.8, 0.9], masks=[ring, FULL], height=9, width=9)
+    np.testing.assert_array_equal(maps.instances, rect((9, 9), (3, 5), (3, 5)))

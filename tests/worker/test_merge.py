@@ -109,3 +109,14 @@ def test_table_take_and_concat_keep_polygons_with_their_rows() -> None:
     picked = both.take(np.array([False, True, True]))
     np.testing.assert_array_equal(picked.polygon(1), b.polygon(0))
     np.testing.assert_array_equal(picked.polygon(0), a.polygon(1))
+
+
+def test_a_detectors_slight_overlap_across_a_seam_is_settled_too() -> None:
+    # Two regions' detector inputs cut a nucleus pair differently: left's nucleus (global x 92..108)
+    # overlaps right's (105..121) by IoU 0.1. A dense family keeps both (its maps agree where
+    # regions overlap, so such a pair is two nuclei); a whole-box family (iou=0) keeps one.
+    left = region_table([_square(150, 60, half=8)], LEFT, GRID, area=AREA)
+    right = region_table([_square(63, 60, half=8)], RIGHT, GRID, area=AREA)
+    both = NucleusTable.concat([left, right])
+    assert len(resolve_seams(both, [LEFT, RIGHT], GRID)) == 2
+    assert resolve_seams(both, [LEFT, RIGHT], GRID, iou=0.0).region.tolist() == [1]
