@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 
 from models.card import ModelCard
 from models.families import BoundaryOptions, HoverOptions, InstanceOptions, contract
+from worker.merge import DETECTOR_SEAM_BAND, DUPLICATE_IOU, SEAM_BAND
 from worker.postprocess import HoverInstances
 
 __all__ = [
@@ -61,6 +62,12 @@ class FamilyRunner(Protocol):
     name: str
     whole_box: bool
     """One patch per region (the region's whole input) instead of the slide-wide tile grid."""
+
+    seam_iou: float
+    """Two nuclei of different regions overlapping more than this IoU are one (the merge)."""
+    seam_band: float
+    """How near a core edge (model pixels, see :func:`worker.merge.resolve_seams`) the merge
+    looks for such duplicates."""
 
     def region_cap(self, card: ModelCard) -> int | None:
         """Largest region core side (model pixels) the family runs, whatever a job asks."""
@@ -104,6 +111,13 @@ class FamilyRunner(Protocol):
 class _Tiled:
     """Dense families: maps come tile by tile (:meth:`tile_maps`), never from a whole box."""
 
+    # Maps agree where regions overlap, so only near-copies close to a seam are duplicates.
+    seam_iou = DUPLICATE_IOU
+    seam_band = SEAM_BAND
+
+    def region_cap(self, card: ModelCard) -> int | None:
+        return None
+
     def box_maps(self, result: Mapping[str, NDArray], card: ModelCard, *,
                  wanted: NDArray[np.bool_]) -> dict[str, NDArray]:
         raise TypeError(f"the {getattr(self, 'name', '?')} family stitches tiles; it has no box maps")
@@ -121,9 +135,6 @@ class HoverRunner(_Tiled):
 
     name = "hover"
     whole_box = False
-
-    def region_cap(self, card: ModelCard) -> int | None:
-        return None
 
     def network_outputs(self, card: ModelCard, available: Sequence[str]) -> tuple[str, ...]:
         _required(card, available)
@@ -163,8 +174,6 @@ class BoundaryRunner(_Tiled):
     name = "boundary"
     whole_box = False
 
-    def region_cap(self, card: ModelCard) -> int | None:
-        return None
 
     def network_outputs(self, card: ModelCard, available: Sequence[str]) -> tuple[str, ...]:
         _required(card, available)
@@ -210,6 +219,10 @@ class InstanceRunner:
 
     name = "instance"
     whole_box = True
+    # Two inputs may cut one nucleus differently: any shared area settles it, for nuclei up to a
+    # whole nucleus away from the seam.
+    seam_iou = 0.0
+    seam_band = DETECTOR_SEAM_BAND
 
     def region_cap(self, card: ModelCard) -> int | None:
         # Every region core is this side (or less at the area's edge), so every network input is

@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 
 from models.card import ModelCard
 from worker.job import JobOutputs, RegionResult, SlideIdentity, SlidePlan, Timings
-from worker.merge import DETECTOR_SEAM_BAND, DUPLICATE_IOU, SEAM_BAND, resolve_seams
+from worker.merge import resolve_seams
 from worker.nuclei import NucleusTable
 from worker.options import InferenceOptions
 from worker.plan import Box, plan_regions, tile_boxes
@@ -194,13 +194,9 @@ def finish(
     tables = [r.table for r in results]
     inferred, minimum = sum(r.patches for r in results), covering_patches(plan, card.output_size)
     start = time.perf_counter()
-    # Dense families' maps agree where regions overlap, so only near-copies are duplicates close
-    # to a seam; a detector's two inputs may cut one nucleus differently, so any shared area
-    # settles it, for nuclei up to a whole nucleus away from the seam (DETECTOR_SEAM_BAND).
-    whole_box = runner_for(card).whole_box
+    runner = runner_for(card)  # the family says what a seam duplicate is
     table = resolve_seams(NucleusTable.concat(tables), plan.regions, plan.grid,
-                          iou=0.0 if whole_box else DUPLICATE_IOU,
-                          band=DETECTOR_SEAM_BAND if whole_box else SEAM_BAND)
+                          iou=runner.seam_iou, band=runner.seam_band)
     merged = time.perf_counter()
     timings = timings.with_(merge=merged - start)
     outputs = write_all(

@@ -13,15 +13,11 @@ across the 65 regions' seams. (Before the fixed core, the same model gave 78-87 
 
 from __future__ import annotations
 
-import fsspec
 import pytest
 import shapely
 
 from models.zoo import resolve_model
-from tests.service._server import CMU1
-from tests.worker._seams import IDENTICAL_IOU, best_iou, overlapping_pairs, polygons
-from worker.options import InferenceOptions
-from worker.pipeline import run_slide
+from tests.worker._seams import assert_same_nuclei, overlapping_pairs, region_size_runs
 
 MODEL = "hoverserve-panoptic"
 SIZES = (256, 512, 768)
@@ -29,15 +25,7 @@ SIZES = (256, 512, 768)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[shapely.Polygon]]:
-    work = tmp_path_factory.mktemp("seams-panoptic")
-    found = {}
-    for size in SIZES:
-        options = InferenceOptions(model=resolve_model(MODEL), region_size=size, workers=0)
-        result = run_slide(CMU1, fs=fsspec.filesystem("file"), root=str(work / str(size)),
-                           options=options)
-        assert len({r.core for r in result.plan.regions}) == len(result.plan.regions) > 1
-        found[size] = polygons(result.table)
-    return found
+    return region_size_runs(resolve_model(MODEL), SIZES, tmp_path_factory.mktemp("seams-panoptic"))
 
 
 @pytest.mark.slow
@@ -45,9 +33,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[shapely.Pol
 def test_two_region_sizes_report_the_same_nuclei(runs: dict[int, list[shapely.Polygon]],
                                                  a: int, b: int) -> None:
     assert len(runs[a]) > 2000
-    for one, other in ((runs[a], runs[b]), (runs[b], runs[a])):
-        identical = best_iou(one, other) > IDENTICAL_IOU
-        assert identical.mean() >= 0.995, f"{a} vs {b}: {identical.mean():.4f} identical"
+    assert_same_nuclei(runs[a], runs[b], f"{a} vs {b}")
 
 
 @pytest.mark.slow

@@ -247,11 +247,9 @@ def sweep_postprocess(
     # setting predicts again; a dense family's maps serve every setting.
     tuned = [_with_options(model, s) for s in settings] if model.runner.whole_box else None
     for im in tqdm(images, disable=not progress, desc=Path(data).name):
-        shared = None if tuned else predict_image_maps(model, im.image, im.mpp)
-        for k, (found, option) in enumerate(zip(pairs, options, strict=True)):
-            maps = shared if tuned is None else predict_image_maps(tuned[k], im.image, im.mpp)
-            if maps is None:
-                raise RuntimeError("no maps predicted")  # unreachable: narrows the type
+        per_setting = ([predict_image_maps(m, im.image, im.mpp) for m in tuned] if tuned
+                       else [predict_image_maps(model, im.image, im.mpp)] * len(options))
+        for found, option, maps in zip(pairs, options, per_setting, strict=True):
             labels, types = instances_from_maps(maps, card, option, typed=model.typed)
             found.append((labels, types if typed else None, im.inst, im.types if typed else None))
     return [

@@ -26,7 +26,7 @@ from models.train.data import Item
 from models.train.release import card_for
 from models.train.validate import predict_detections, predict_outputs, summarise
 from worker.evaluation.model import ImageMaps, instances_from_maps
-from worker.families import job_options, runner_for
+from worker.families import FamilyRunner, job_options, runner_for
 
 __all__ = ["item_maps", "score_items", "validate_items", "validate_training"]
 
@@ -55,7 +55,7 @@ def _item_maps(model: nn.Module, item: Item, card: ModelCard) -> tuple[ImageMaps
     # The maps, and whether the network classifies (the runner's answer for its outputs).
     runner = runner_for(card)
     if runner.whole_box:
-        maps, outputs = _detector_maps(model, item, card)
+        maps, outputs = _detector_maps(model, item, card, runner)
         return maps, runner.typed(card, outputs)
     # As a batch of one patch under the exported graph's output names.
     result = predict_outputs(model, item.image, card.family, device=_device(model))
@@ -66,10 +66,10 @@ def _item_maps(model: nn.Module, item: Item, card: ModelCard) -> tuple[ImageMaps
     return ImageMaps(arrays=arrays, shape=item.inst.shape[:2]), runner.typed(card, outputs)
 
 
-def _detector_maps(model: nn.Module, item: Item, card: ModelCard) -> tuple[ImageMaps, tuple[str, ...]]:
+def _detector_maps(model: nn.Module, item: Item, card: ModelCard,
+                   runner: FamilyRunner) -> tuple[ImageMaps, tuple[str, ...]]:
     # The item as one box (a slide region's core, whole tiles, and its margin), every tile
     # analysed, framed as `model evaluate` frames it; and the outputs the network gave.
-    runner = runner_for(card)
     height, width = item.inst.shape[:2]
     tile = card.output_size
     result = predict_detections(model, item.image, margin=card.margin, multiple=tile,
