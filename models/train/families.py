@@ -24,12 +24,16 @@ from models.card import ModelCard
 from models.conic.builder import BUILDERS as HOVER_BUILDERS
 from models.train.config import LossConfig, ModelConfig, TrainConfig
 from models.train.data import collate
+from models.train.from_onnx import load_instance_onnx_weights, load_onnx_weights
 from models.train.losses import HoverLoss
 from models.train.tsfd_losses import TSFDLoss
 from models.train.tsfd_targets import collate_boundary
 from models.tsfd.builder import BUILDERS as BOUNDARY_BUILDERS
 
 __all__ = ["FAMILIES", "Collate", "TrainingFamily", "family_of", "training_family"]
+
+OnnxInit = Callable[[nn.Module, Path, ModelCard], None]
+"""``(model, onnx_path, card)`` → the file's weights loaded into ``model`` (checked against it)."""
 
 Collate = Callable[
     [list[NDArray[np.uint8]], list[NDArray[np.int32]], list[NDArray[np.uint8]], list[bool]],
@@ -60,8 +64,9 @@ class TrainingFamily:
         ``export(model, card, output, check)`` writes the ONNX file under the family contract.
     stride : int
         Input sides must be multiples of this.
-    onnx_init : bool
-        Whether ``init_from`` may name an exported ONNX file (weights read back from the graph).
+    onnx_init : callable or None
+        ``onnx_init(model, path, card)`` reads an exported ONNX file's weights back into a freshly
+        built network (``init_from`` naming a shipped model); None where the family cannot.
     forward : callable
         ``forward(model, batch)`` → the outputs ``loss`` reads: the network on the batch's image
         (most families), or with its targets too (a detector samples proposals against them).
@@ -75,7 +80,7 @@ class TrainingFamily:
     probabilities: Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
     export: Callable[[nn.Module, ModelCard, Path, bool], None]
     stride: int
-    onnx_init: bool
+    onnx_init: OnnxInit | None
     forward: Callable[[nn.Module, Mapping[str, Tensor]], Mapping[str, Tensor]] = (
         lambda model, batch: model(batch["image"]))
 
@@ -160,6 +165,16 @@ def _instance_export(model: nn.Module, card: ModelCard, output: Path, check: boo
     export_instance_onnx(model, card, output, check=check)
 
 
+def _hover_onnx_init(model: nn.Module, path: Path, card: ModelCard) -> None:
+    load_onnx_weights(model, path, input_size=card.input_size, typed=bool(card.classes),
+                      tta=card.test_time_augmentation)
+
+
+def _instance_onnx_init(model: nn.Module, path: Path, _card: ModelCard) -> None:
+    # the card's 32-px tile is a grid unit, not the detector's input: check on a whole patch
+    load_instance_onnx_weights(model, path)
+
+
 def _instance_builders() -> Mapping[str, Callable[..., nn.Module]]:
     try:
         from models.panoptic.builder import BUILDERS
@@ -170,14 +185,15 @@ def _instance_builders() -> Mapping[str, Callable[..., nn.Module]]:
 
 FAMILIES: dict[str, TrainingFamily] = {
     "hover": TrainingFamily("hover", HOVER_BUILDERS, _hover_collate, _hover_loss, ("np", "hv"),
-                            _hover_probabilities, _hover_export, stride=16, onnx_init=True),
+                            _hover_probabilities, _hover_export, stride=16, onnx_init=_hover_onnx_init),
     "boundary": TrainingFamily("boundary", BOUNDARY_BUILDERS, _boundary_collate, _boundary_loss,
                                ("sem", "boundary"), _boundary_probabilities, _boundary_export,
-                               stride=32, onnx_init=False),
+                               stride=32, onnx_init=None),
     # ``logits`` names no tensor: the network returns loss terms in training, detections in eval
     "instance": TrainingFamily("instance", _instance_builders(), _instance_collate, _instance_loss,
                                ("boxes", "scores", "classes", "masks"), _instance_probabilities,
-                               _instance_export, stride=32, onnx_init=False, forward=_instance_forward),
+                               _instance_export, stride=32, onnx_init=_instance_onnx_init,
+                               forward=_instance_forward),
 }
 """Family name → how it trains. Architecture names are unique across families."""
 

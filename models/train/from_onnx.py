@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from models.export import OnnxHead
 
-__all__ = ["calibrate_batchnorm", "load_onnx_weights"]
+__all__ = ["calibrate_batchnorm", "load_instance_onnx_weights", "load_onnx_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,10 @@ def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
             and node.attribute[0].type == onnx.AttributeProto.TENSOR
         ):
             arrays[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Identity" and node.input[0] in arrays:
+            # the exporter keeps one copy of equal tensors (e.g. the zero biases of untrained
+            # BatchNorms) and hands it on through Identity nodes
+            arrays[node.output[0]] = arrays[node.input[0]]
     return arrays
 
 
@@ -113,14 +117,6 @@ def load_onnx_weights(
     if len(order) != len(convs):
         raise ValueError(f"{path}: {len(convs)} convolutions in the file, {len(order)} in the network")
 
-    state = model.state_dict()
-    named = 0
-    for name, tensor in state.items():
-        array = arrays.get(f"model.{name}")
-        if array is not None and tuple(array.shape) == tuple(tensor.shape):
-            tensor.copy_(torch.from_numpy(array.copy()))
-            named += 1
-
     for index, (module, node) in enumerate(zip(order, convs, strict=True)):
         weight = arrays[node.input[1]]
         bias = arrays[node.input[2]] if len(node.input) > 2 and node.input[2] else None
@@ -129,21 +125,107 @@ def load_onnx_weights(
                 f"{path}: convolution {index} has weights {weight.shape}, "
                 f"the network {tuple(module.weight.shape)}"
             )
-        module.weight.copy_(torch.from_numpy(weight.copy()))
-        folded = torch.from_numpy(bias.copy()) if bias is not None else torch.zeros(weight.shape[0])
-        norm = follows.get(module)
-        if norm is not None:
-            running_mean, running_var = _running_stats(norm)
-            norm.weight.fill_(1.0)
-            norm.bias.copy_(folded)
-            running_mean.zero_()
-            running_var.fill_(1.0 - norm.eps)  # so that sqrt(var + eps) == 1
-            if module.bias is not None:
-                module.bias.zero_()
-        elif module.bias is not None:
-            module.bias.copy_(folded)
+        _unfold(module, follows.get(module), weight, bias)
+    named = _load_named(model, arrays)
     logger.info("loaded %d convolutions and %d named tensors from %s", len(order), named, path)
     _check_against_runtime(model, path, input_size=input_size, typed=typed, tta=tta)
+    model.train(was_training)
+
+
+def _load_named(model: nn.Module, arrays: dict[str, np.ndarray]) -> int:
+    """Copy every state-dict tensor the graph keeps by name (``model.<name>``, same shape)."""
+    named = 0
+    for name, tensor in model.state_dict().items():
+        array = arrays.get(f"model.{name}")
+        if array is None:
+            continue
+        if tuple(array.shape) != tuple(tensor.shape):
+            raise ValueError(f"weight {name} is {tuple(array.shape)} in the file, "
+                             f"{tuple(tensor.shape)} in the network")
+        tensor.copy_(torch.from_numpy(array.copy()))
+        named += 1
+    return named
+
+
+def _unfold(
+    module: nn.Conv2d, norm: nn.BatchNorm2d | None, weight: np.ndarray, bias: np.ndarray | None
+) -> None:
+    """Set a convolution from its folded graph weights; the BatchNorm after it becomes an identity
+    that adds the folded bias."""
+    module.weight.copy_(torch.from_numpy(weight.copy()))
+    folded = torch.from_numpy(bias.copy()) if bias is not None else torch.zeros(weight.shape[0])
+    if norm is not None:
+        running_mean, running_var = _running_stats(norm)
+        norm.weight.fill_(1.0)
+        norm.bias.copy_(folded)
+        running_mean.zero_()
+        running_var.fill_(1.0 - norm.eps)  # so that sqrt(var + eps) == 1
+        if module.bias is not None:
+            module.bias.zero_()
+    elif module.bias is not None:
+        module.bias.copy_(folded)
+
+
+_BOX_TOLERANCE = 1e-2
+"""Largest |difference| in box corners (input pixels) between a rebuilt detector and the file."""
+
+
+@torch.no_grad()
+def load_instance_onnx_weights(model: nn.Module, path: str | Path, *, input_size: int = 256) -> None:
+    """Load an instance-family ONNX file (:func:`models.panoptic.export.export_instance_onnx`)
+    into a freshly built :class:`~models.panoptic.net.PanopticNet` of the same architecture.
+
+    The graph keeps the state-dict names of everything outside the ResNet trunk (FPN, RPN, box
+    and mask heads); the trunk's convolutions, each with its BatchNorm folded in, are the
+    graph's anonymous ``Conv`` nodes, matched in order. The semantic branch trains the features
+    but is not in the graph (inference does not use it): it keeps its initialisation.
+
+    Raises
+    ------
+    ValueError
+        The file does not fit ``model``, or the rebuilt detector's boxes, scores or masks on a
+        seeded image differ from ONNX Runtime's.
+    """
+    from models.panoptic.export import InstanceHead, reference_image
+
+    was_training = model.training
+    model.eval()
+    graph = onnx.load(str(path)).graph
+    arrays = _constants(graph)
+    trunk = getattr(getattr(model, "backbone", None), "body", None)
+    if not isinstance(trunk, nn.Module):
+        raise ValueError(f"{path}: the network has no backbone trunk (model.backbone.body)")
+    anonymous = [n for n in graph.node if n.op_type == "Conv" and not n.input[1].startswith("model.")]
+    order, follows = _execution_order(trunk, input_size)
+    if len(order) != len(anonymous):
+        raise ValueError(f"{path}: {len(anonymous)} folded convolutions in the file, "
+                         f"{len(order)} in the network's trunk")
+    for index, (module, node) in enumerate(zip(order, anonymous, strict=True)):
+        weight = arrays[node.input[1]]
+        if tuple(weight.shape) != tuple(module.weight.shape):
+            raise ValueError(f"{path}: trunk convolution {index} has weights {weight.shape}, "
+                             f"the network {tuple(module.weight.shape)}")
+        bias = arrays[node.input[2]] if len(node.input) > 2 and node.input[2] else None
+        _unfold(module, follows.get(module), weight, bias)
+    named = _load_named(model, arrays)
+    logger.info("loaded %d trunk convolutions and %d named tensors from %s", len(order), named, path)
+
+    sample = reference_image()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {session.get_inputs()[0].name: sample.numpy()})
+    got = [t.numpy() for t in InstanceHead(model)(sample)]
+    if got[0].shape != expected[0].shape:
+        raise ValueError(f"{path}: the rebuilt detector finds {len(got[0])} nuclei on a seeded "
+                         f"image, the file {len(expected[0])}")
+    # detections with scores equal to ~1e-6 may come out in either order: pair each of the file's
+    # boxes with the rebuilt detector's nearest one
+    gaps = np.abs(expected[0][:, None, :] - got[0][None, :, :]).max(axis=2)
+    pair = gaps.argmin(axis=1) if len(gaps) else np.zeros(0, dtype=np.int64)
+    for name, want, have, tolerance in zip(("boxes", "scores", "classes", "masks"), expected, got,
+                                           (_BOX_TOLERANCE, _TOLERANCE, 0, _TOLERANCE), strict=True):
+        diff = float(np.abs(have[pair] - want).max(initial=0.0))
+        if not diff <= tolerance:
+            raise ValueError(f"{path}: the rebuilt detector's {name} differ from the file's by {diff:.3g}")
     model.train(was_training)
 
 

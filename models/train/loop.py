@@ -23,7 +23,7 @@ from models.train.augment import AugmentOptions
 from models.train.config import REPO_ROOT, ModelConfig, TrainConfig, load_config
 from models.train.data import Item, PatchSampler, load_items, split_items
 from models.train.families import TrainingFamily, family_of, training_family
-from models.train.from_onnx import calibrate_batchnorm, load_onnx_weights
+from models.train.from_onnx import calibrate_batchnorm
 from models.train.validate import Validator
 
 __all__ = ["CHECKPOINT_NAME", "build_model", "run_training", "train"]
@@ -305,7 +305,7 @@ def _initialise(
         model.load_state_dict(torch.load(source, map_location=device, weights_only=True)["model"])
         logger.info("initialised from %s", source)
         return
-    if not family.onnx_init:
+    if family.onnx_init is None:
         raise ValueError(f"init_from {source}: a {family.name}-family network starts from a training "
                          "checkpoint (.pt), not from an exported ONNX file")
     card = read_card(source)
@@ -315,13 +315,7 @@ def _initialise(
             f"trains {config.model.architecture} with {config.model.n_classes}"
         )
     model.cpu()
-    load_onnx_weights(
-        model,
-        source,
-        input_size=card.input_size,
-        typed=bool(card.classes),
-        tta=card.test_time_augmentation,
-    )
+    family.onnx_init(model, source, card)
     batches = (
         sampler.batch(_CALIBRATION_STEP + k, config.batch_size)["image"] for k in range(_CALIBRATION_BATCHES)
     )

@@ -92,3 +92,25 @@ def test_panoptic_trains_three_steps_and_exports_an_instance_model(tmp_path: Pat
     assert card.family == "instance" and read_card(output).name == "hoverserve-panoptic"
     outputs = check_instance_onnx(output, card)
     assert list(outputs) == ["boxes", "scores", "classes", "masks"]
+
+
+@pytest.mark.slow
+def test_a_shipped_instance_model_trains_on_from_its_onnx_file(tmp_path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from models.panoptic import export_instance_onnx
+    from tests.models.panoptic._cases import card, tiny
+
+    shipped = export_instance_onnx(tiny(seed=4), card(), tmp_path / "shipped.onnx")
+    config = _smoke(tmp_path)
+    config = config.model_copy(update={
+        "steps": 1, "checkpoint_every": 1, "init_from": shipped,
+        "optim": config.optim.model_copy(update={"lr": 1e-12, "weight_decay": 0.0}),
+        "data": config.data.model_copy(update={"holdout": ()})})
+    checkpoint = run_training(config, device="cpu", progress=False)
+    state = torch.load(checkpoint, weights_only=True)["model"]
+    graph = {init.name: numpy_helper.to_array(init) for init in onnx.load(str(shipped)).graph.initializer}
+    for name in ("backbone.fpn.layer_blocks.0.0.weight", "roi_heads.box_head.fc6.weight",
+                 "roi_heads.mask_predictor.fc.weight"):
+        np.testing.assert_allclose(state[name].numpy(), graph[f"model.{name}"], atol=1e-6)
