@@ -430,21 +430,32 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
+_OPTION_COLUMNS = (("np_threshold", "np"), ("marker_threshold", "marker"), ("upsample", "upsample"),
+                   ("fg_threshold", "fg"), ("boundary_threshold", "boundary"),
+                   ("score_threshold", "score"), ("mask_threshold", "mask"))
+"""Post-processing option → sweep-table column; the hover family's three unless a result names
+another family's options."""
+_HOVER_COLUMNS = ("np_threshold", "marker_threshold", "upsample")
+
+
 def sweep_table(results: Sequence[Mapping[str, Any]]) -> tuple[str, list[str], list[list[str]]]:
     """A terminal table of a threshold sweep: one row per post-processing setting (each result
-    carries its ``postprocess``), with the headline metrics; undefined values show as "–"."""
+    carries its ``postprocess``; the columns are its family's options), with the headline
+    metrics; undefined values show as "–"."""
+    used = {key for result in results for key in result["postprocess"]}
+    keys = [k for k, _ in _OPTION_COLUMNS if k in used and k not in _HOVER_COLUMNS] or list(_HOVER_COLUMNS)
+    labels = dict(_OPTION_COLUMNS)
     rows = []
     for result in results:
         inst, det = result["instance"]["per_image_mean"], result["detection"]
         f_c = [c["f1"] for c in result["classes"].values() if c["f1"] is not None]
+        options = [str(result["postprocess"].get(k, 1 if k == "upsample" else "–")) for k in keys]
         rows.append([
-            str(result["postprocess"].get("np_threshold", "–")),
-            str(result["postprocess"].get("marker_threshold", "–")),
-            str(result["postprocess"].get("upsample", 1)),
+            *options,
             _fmt(inst["pq"]), _fmt(inst["aji"]), _fmt(det["f1"]),
             _fmt(sum(f_c) / len(f_c) if f_c else None), _fmt(result["mpq_plus"]),
         ])
-    header = ["np", "marker", "upsample", "PQ", "AJI", "F_d", "mean F_c", "mPQ+"]
+    header = [*(labels[k] for k in keys), "PQ", "AJI", "F_d", "mean F_c", "mPQ+"]
     return "post-processing options", header, rows
 
 

@@ -266,3 +266,13 @@ def test_sweep_table_has_a_row_per_setting() -> None:
     mean_f_c = sum(c["f1"] for c in typed["classes"].values()) / 2
     assert rows[0][6] == f"{mean_f_c:.4f}"
     assert rows[1][:2] == ["0.6", "–"] and rows[1][6:] == ["–", "–"]
+
+
+def test_a_sweep_of_an_instance_model_shows_its_own_options() -> None:
+    untyped = evaluate_dataset([(p, None, g, None) for p, _, g, _ in images()], radius=12)
+    card = {"score_threshold": 0.6, "mask_threshold": 0.5, "min_unclaimed": 0.5}
+    results = [{**untyped, "postprocess": {**card, "score_threshold": 0.4}},
+               {**untyped, "postprocess": card}]
+    _, header, rows = sweep_table(results)
+    assert header == ["score", "mask", "PQ", "AJI", "F_d", "mean F_c", "mPQ+"]
+    assert [row[:2] for row in rows] == [["0.4", "0.5"], ["0.6", "0.5"]]
