@@ -117,19 +117,33 @@ def load_onnx_weights(
     if len(order) != len(convs):
         raise ValueError(f"{path}: {len(convs)} convolutions in the file, {len(order)} in the network")
 
-    for index, (module, node) in enumerate(zip(order, convs, strict=True)):
-        weight = arrays[node.input[1]]
-        bias = arrays[node.input[2]] if len(node.input) > 2 and node.input[2] else None
-        if tuple(weight.shape) != tuple(module.weight.shape):
-            raise ValueError(
-                f"{path}: convolution {index} has weights {weight.shape}, "
-                f"the network {tuple(module.weight.shape)}"
-            )
-        _unfold(module, follows.get(module), weight, bias)
+    _load_convolutions(path, order, convs, follows, arrays, what="convolution")
     named = _load_named(model, arrays)
     logger.info("loaded %d convolutions and %d named tensors from %s", len(order), named, path)
     _check_against_runtime(model, path, input_size=input_size, typed=typed, tta=tta)
     model.train(was_training)
+
+
+def _load_convolutions(
+    path: str | Path,
+    order: list[nn.Conv2d],
+    nodes: list[onnx.NodeProto],
+    follows: dict[nn.Conv2d, nn.BatchNorm2d],
+    arrays: dict[str, np.ndarray],
+    *,
+    what: str,
+) -> None:
+    """Set each network convolution (in execution order) from the graph's ``Conv`` node at the
+    same place, shapes checked one by one (``what`` names them in the error)."""
+    for index, (module, node) in enumerate(zip(order, nodes, strict=True)):
+        weight = arrays[node.input[1]]
+        bias = arrays[node.input[2]] if len(node.input) > 2 and node.input[2] else None
+        if tuple(weight.shape) != tuple(module.weight.shape):
+            raise ValueError(
+                f"{path}: {what} {index} has weights {weight.shape}, "
+                f"the network {tuple(module.weight.shape)}"
+            )
+        _unfold(module, follows.get(module), weight, bias)
 
 
 def _load_named(model: nn.Module, arrays: dict[str, np.ndarray]) -> int:
@@ -186,8 +200,6 @@ def load_instance_onnx_weights(model: nn.Module, path: str | Path, *, input_size
         The file does not fit ``model``, or the rebuilt detector's boxes, scores or masks on a
         seeded image differ from ONNX Runtime's.
     """
-    from models.panoptic.export import InstanceHead, reference_image
-
     was_training = model.training
     model.eval()
     graph = onnx.load(str(path)).graph
@@ -200,15 +212,15 @@ def load_instance_onnx_weights(model: nn.Module, path: str | Path, *, input_size
     if len(order) != len(anonymous):
         raise ValueError(f"{path}: {len(anonymous)} folded convolutions in the file, "
                          f"{len(order)} in the network's trunk")
-    for index, (module, node) in enumerate(zip(order, anonymous, strict=True)):
-        weight = arrays[node.input[1]]
-        if tuple(weight.shape) != tuple(module.weight.shape):
-            raise ValueError(f"{path}: trunk convolution {index} has weights {weight.shape}, "
-                             f"the network {tuple(module.weight.shape)}")
-        bias = arrays[node.input[2]] if len(node.input) > 2 and node.input[2] else None
-        _unfold(module, follows.get(module), weight, bias)
+    _load_convolutions(path, order, anonymous, follows, arrays, what="trunk convolution")
     named = _load_named(model, arrays)
     logger.info("loaded %d trunk convolutions and %d named tensors from %s", len(order), named, path)
+    _check_detector_against_runtime(model, path)
+    model.train(was_training)
+
+
+def _check_detector_against_runtime(model: nn.Module, path: str | Path) -> None:
+    from models.panoptic.export import InstanceHead, reference_image
 
     sample = reference_image()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -226,7 +238,6 @@ def load_instance_onnx_weights(model: nn.Module, path: str | Path, *, input_size
         diff = float(np.abs(have[pair] - want).max(initial=0.0))
         if not diff <= tolerance:
             raise ValueError(f"{path}: the rebuilt detector's {name} differ from the file's by {diff:.3g}")
-    model.train(was_training)
 
 
 def _check_against_runtime(

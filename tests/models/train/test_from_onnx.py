@@ -15,6 +15,7 @@ from models.train.config import REPO_ROOT, load_config
 from models.train.from_onnx import calibrate_batchnorm, load_onnx_weights
 from models.train.loop import build_model, run_training
 from models.train.release import card_for
+from tests.models.train._batchnorm import perturb_batchnorms
 
 SMOKE = REPO_ROOT / "configs" / "smoke.yaml"
 
@@ -23,13 +24,7 @@ def _trained_like(seed: int) -> torch.nn.Module:
     """A tiny network with non-trivial BatchNorm statistics, as after training."""
     torch.manual_seed(seed)
     model = build_model(load_config(SMOKE).model)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
+    perturb_batchnorms(model)
     return model.eval()
 
 
