@@ -59,8 +59,8 @@ def _grid(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]
 
 
 def _cmd_model_evaluate(args: argparse.Namespace) -> int:
-    from models.evaluate import sweep_table
     from models.evaluate_points import is_point_dataset, point_table
+    from models.evaluate_tables import sweep_table
     from worker.evaluation.model import sweep_postprocess
     from worker.evaluation.points import evaluate_points
 

@@ -39,7 +39,7 @@ def print_tables(tables: Sequence[Table], title: str | None = None) -> None:
 
 def print_scores(result: dict[str, Any], title: str | None = None) -> None:
     """Print the summary tables of one evaluation result (``models.evaluate``'s layout)."""
-    from models.evaluate import summary_tables
+    from models.evaluate_tables import summary_tables
 
     print_tables(summary_tables(result), title)
 

@@ -11,6 +11,9 @@ CONSEP = (
 )
 """Real CoNSeP patches (40×) with instance and type maps."""
 
+CLASSES = ["background", "a", "b"]
+"""Class names of the typed maps in :func:`images`."""
+
 
 def shifted_case() -> tuple[np.ndarray, np.ndarray]:
     """GT 5 (rows 0-2 × cols 0-3, 12 px) and GT 9 (rows 4-5 × cols 4-5, 4 px).
@@ -25,3 +28,18 @@ def shifted_case() -> tuple[np.ndarray, np.ndarray]:
     pred[0:3, 1:5] = 2
     pred[5, 0:2] = 7
     return pred, gt
+
+
+def images() -> list[tuple[np.ndarray, dict[int, int], np.ndarray, dict[int, int]]]:
+    """Image 0: one nucleus found exactly. Image 1: three nuclei, none found.
+    Image 2: nothing in either map (every score undefined)."""
+    one = np.zeros((8, 8), dtype=np.int32)
+    one[1:4, 1:4] = 3
+    three = np.zeros((8, 8), dtype=np.int32)
+    three[0:2, 0:2], three[4:6, 0:2], three[4:6, 4:6] = 1, 2, 4
+    empty = np.zeros((8, 8), dtype=np.int32)
+    return [
+        (one, {3: 1}, one, {3: 1}),
+        (empty, {}, three, {1: 2, 2: 2, 4: 2}),
+        (empty, {}, empty, {}),
+    ]

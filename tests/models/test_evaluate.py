@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +15,8 @@ from models.evaluate import (
     evaluate_files,
     evaluate_pair,
     radius_for_mpp,
-    summary_tables,
-    sweep_table,
 )
-from tests.models._cases import CONSEP, shifted_case
-
-CLASSES = ["background", "a", "b"]
+from tests.models._cases import CLASSES, CONSEP, images, shifted_case
 
 
 def test_radius_is_three_micrometres() -> None:
@@ -58,21 +53,6 @@ def test_evaluate_pair_with_classes() -> None:
     assert det["type_accuracy"] == 1.0
     # a: TP 1 -> 1. b: FP_d 1 (pred 7), FN_d 1 (GT 9) -> 0 / 2 = 0.
     assert det["f1_per_class"] == {"a": 1.0, "b": 0.0}
-
-
-def images() -> list[tuple[np.ndarray, dict[int, int], np.ndarray, dict[int, int]]]:
-    """Image 0: one nucleus found exactly. Image 1: three nuclei, none found.
-    Image 2: nothing in either map (every score undefined)."""
-    one = np.zeros((8, 8), dtype=np.int32)
-    one[1:4, 1:4] = 3
-    three = np.zeros((8, 8), dtype=np.int32)
-    three[0:2, 0:2], three[4:6, 0:2], three[4:6, 4:6] = 1, 2, 4
-    empty = np.zeros((8, 8), dtype=np.int32)
-    return [
-        (one, {3: 1}, one, {3: 1}),
-        (empty, {}, three, {1: 2, 2: 2, 4: 2}),
-        (empty, {}, empty, {}),
-    ]
 
 
 def test_dataset_reports_per_image_mean_and_pooled() -> None:
@@ -237,42 +217,3 @@ def test_bad_files(tmp_path: Path) -> None:
         evaluate_files(tmp_path / "small.npz", good)
     with pytest.raises(ValueError, match="radius"):
         evaluate_files(good, good, radius=-1.0)
-
-
-def test_summary_tables() -> None:
-    res = evaluate_dataset(images(), radius=12, class_names=CLASSES)
-    tables = summary_tables(res)
-    assert [t[0] for t in tables] == ["3 images, pairing radius 12.0 px", "per class"]
-    _, header, rows = tables[0]
-    assert header == ["metric", "per-image mean", "pooled"]
-    assert rows[5] == ["PQ", "0.5000", "0.4000"]
-    assert all(len(r) == len(header) for r in rows)
-    _, header, rows = tables[1]
-    assert rows[0][:3] == ["a", "1.0000", "1.0000"]
-    assert rows[-1][0] == "mean" and all(len(r) == len(header) for r in rows)
-    untyped = summary_tables(evaluate_dataset(images()[2:], radius=12))
-    assert len(untyped) == 1 and untyped[0][2][0] == ["Dice", "–", "–"]
-    assert not math.isnan(res["instance"]["pooled"]["pq"])
-
-
-def test_sweep_table_has_a_row_per_setting() -> None:
-    typed = evaluate_dataset(images(), radius=12, class_names=CLASSES)
-    untyped = evaluate_dataset([(p, None, g, None) for p, _, g, _ in images()], radius=12)
-    results = [{**typed, "postprocess": {"np_threshold": 0.5, "marker_threshold": 0.4}},
-               {**untyped, "postprocess": {"np_threshold": 0.6}}]
-    _, header, rows = sweep_table(results)
-    assert header == ["np", "marker", "upsample", "PQ", "AJI", "F_d", "mean F_c", "mPQ+"]
-    assert rows[0][:4] == ["0.5", "0.4", "1", "0.5000"]
-    mean_f_c = sum(c["f1"] for c in typed["classes"].values()) / 2
-    assert rows[0][6] == f"{mean_f_c:.4f}"
-    assert rows[1][:2] == ["0.6", "–"] and rows[1][6:] == ["–", "–"]
-
-
-def test_a_sweep_of_an_instance_model_shows_its_own_options() -> None:
-    untyped = evaluate_dataset([(p, None, g, None) for p, _, g, _ in images()], radius=12)
-    card = {"score_threshold": 0.6, "mask_threshold": 0.5, "min_unclaimed": 0.5}
-    results = [{**untyped, "postprocess": {**card, "score_threshold": 0.4}},
-               {**untyped, "postprocess": card}]
-    _, header, rows = sweep_table(results)
-    assert header == ["score", "mask", "PQ", "AJI", "F_d", "mean F_c", "mPQ+"]
-    assert [row[:2] for row in rows] == [["0.4", "0.5"], ["0.6", "0.5"]]
