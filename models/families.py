@@ -21,6 +21,7 @@ import numpy as np
 __all__ = [
     "FAMILIES",
     "MAX_UPSAMPLE",
+    "PROBABILITY_SLACK",
     "BoundaryOptions",
     "Family",
     "FamilyContract",
@@ -33,6 +34,11 @@ Family = Literal["hover", "boundary", "instance"]
 
 MAX_UPSAMPLE = 4
 """Largest ``upsample`` factor: 16x the map pixels already; more buys nothing at any model resolution."""
+
+PROBABILITY_SLACK = 1e-6
+"""How far outside 0..1 a model's probabilities may stray and still count as probabilities:
+ONNX Runtime's vectorised Sigmoid rounds to 1.0000001 (one float32 ulp above 1; seen with
+onnxruntime 1.32). Accepted values are clipped to 0..1."""
 
 
 def _finite_number(value: object) -> bool:

@@ -47,6 +47,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from models.families import PROBABILITY_SLACK
 from worker.postprocess import REFERENCE_MPP, HoverInstances, measure_nuclei, scaled_constants
 
 __all__ = ["MAP_NAMES", "DetectionMaps", "InstanceSizes", "instance_nuclei", "instance_sizes",
@@ -156,13 +157,14 @@ def _check_detections(
         raise ValueError(f"classes must be (K,) = ({k},) like boxes, got shape {cls.shape}")
     if mask.ndim != 4 or mask.shape[0] != k or mask.shape[1] != 1 or min(mask.shape[2:]) < 2:
         raise ValueError(f"masks must be (K, 1, M, M) with K = {k} and M >= 2, got shape {mask.shape}")
-    if not np.isfinite(score).all() or (k and (score.min() < 0 or score.max() > 1)):
+    if not np.isfinite(score).all() or (
+            k and (score.min() < -PROBABILITY_SLACK or score.max() > 1 + PROBABILITY_SLACK)):
         raise ValueError("scores must be finite numbers in 0..1 (NaN, infinite or out-of-range found)")
     if k and (int(cls.min()) < 1 or int(cls.max()) > _MAX_CLASS):
         raise ValueError(f"classes must be in 1..{_MAX_CLASS}, got values {cls.min()}..{cls.max()}")
     if mask.dtype.kind == "f" and not np.isfinite(mask).all():
         raise ValueError(f"masks contain NaN or infinite values (shape {mask.shape})")
-    return (box.astype(np.float64), score.astype(np.float64), cls.astype(np.int64),
+    return (box.astype(np.float64), np.clip(score.astype(np.float64), 0.0, 1.0), cls.astype(np.int64),
             np.asarray(mask[:, 0], np.float32))
 
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from models.card import ModelCard
 from models.errors import ExportError
 from models.export import INPUT_NAME, export_target, write_traced
+from models.families import PROBABILITY_SLACK
 from models.panoptic.mask_head import MASK_SIZE
 
 __all__ = [
@@ -187,5 +188,5 @@ def _validate(outputs: dict[str, np.ndarray], n_classes: int, path: str | Path) 
     if np.any(np.diff(outputs["scores"]) > 0):
         raise ExportError(f"{path}: detections are not in descending score")
     masks = outputs["masks"]
-    if masks.size and (masks.min() < 0 or masks.max() > 1):
+    if masks.size and (masks.min() < -PROBABILITY_SLACK or masks.max() > 1 + PROBABILITY_SLACK):
         raise ExportError(f"{path}: mask probabilities outside 0..1")

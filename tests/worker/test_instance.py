@@ -305,6 +305,13 @@ def test_bad_input_raises_a_value_error_naming_the_problem(change: dict, message
                          arguments.pop("masks"), **arguments)
 
 
+def test_a_score_one_float32_ulp_above_one_is_a_certainty_not_an_error() -> None:
+    # ONNX Runtime's vectorised sigmoid rounds to 1.0000001; a job must not fail on it
+    above = np.nextafter(np.float32(1.0), np.float32(2.0))
+    result = instance_nuclei(paste([[0, 0, 6, 6]], [above], height=8, width=8), mpp=0.25, typed=True)
+    assert [nu.type_prob for nu in result.nuclei] == [1.0]
+
+
 # --------------------------------------------------------------------------- nuclei
 
 
