@@ -11,7 +11,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 from numpy.typing import NDArray
-from scipy import ndimage
 
 from worker.contours import pixel_edge_rings
 from worker.nuclei import Nucleus
@@ -103,13 +102,21 @@ def _type_votes(
     return best, counts[rows, best] / np.maximum(counts.sum(axis=1), 1)
 
 
-def _boxes(labels: NDArray[np.integer], n: int) -> tuple[NDArray[np.intp], NDArray[np.int64]]:
-    """The ids present among 1..n and their boxes (row_start, col_start, row_stop, col_stop)."""
-    found = ndimage.find_objects(labels, max_label=n)
-    present = [i for i, box in enumerate(found) if box is not None]
-    boxes = np.array([(found[i][0].start, found[i][1].start, found[i][0].stop, found[i][1].stop)
-                      for i in present], np.int64).reshape(-1, 4)
-    return np.asarray(present, np.intp) + 1, boxes
+def _boxes(inst: NDArray[np.intp], rows: NDArray[np.intp], cols: NDArray[np.intp],
+           area: NDArray[np.intp], n: int) -> tuple[NDArray[np.intp], NDArray[np.int64]]:
+    """The ids present among 1..n (``area``: pixels per id, from 0) and their boxes (row_start,
+    col_start, row_stop, col_stop), from the labelled pixels' ids and coordinates: what
+    ``ndimage.find_objects`` finds, without a pass over the whole map."""
+    present = np.flatnonzero(area[1:n + 1]) + 1
+    far = np.iinfo(np.int64).max
+    box = np.stack([np.full(len(area), far), np.full(len(area), far),
+                    np.full(len(area), -1), np.full(len(area), -1)]).astype(np.int64)
+    np.minimum.at(box[0], inst, rows)
+    np.minimum.at(box[1], inst, cols)
+    np.maximum.at(box[2], inst, rows)
+    np.maximum.at(box[3], inst, cols)
+    box[2:] += 1
+    return present.astype(np.intp), np.ascontiguousarray(box[:, present].T)
 
 
 def _moments(
@@ -149,10 +156,15 @@ def measure(
     n: int,
     np_prob: NDArray[np.float32] | None,
     types: NDArray | None,
+    *,
+    within: NDArray[np.intp] | None = None,
 ) -> list[Nucleus]:
     """One record per id 1..n present in ``labels``: bincounts for the per-pixel sums and
-    moments, every outline traced in one batch (:func:`worker.contours.pixel_edge_rings`)."""
-    flat_index = np.flatnonzero(labels)
+    moments, every outline traced in one batch (:func:`worker.contours.pixel_edge_rings`).
+
+    ``within``, ascending raveled pixels among which every nonzero label lies (the foreground),
+    saves a pass over the whole map."""
+    flat_index = np.flatnonzero(labels) if within is None else within[labels.ravel()[within] != 0]
     inst = labels.ravel()[flat_index].astype(np.intp)
     area = np.bincount(inst, minlength=n + 1)
     mean_prob = np.ones(n + 1)
@@ -163,13 +175,13 @@ def measure(
         kind, kind_prob = np.zeros(n + 1, np.intp), np.ones(n + 1)
     else:
         kind, kind_prob = _type_votes(inst, _pixel_type(types, flat_index), n)
-    present, boxes = _boxes(labels, n)
+    rows, cols = np.divmod(flat_index, labels.shape[1])
+    present, boxes = _boxes(inst, rows, cols, area, n)
     if not len(present):
         return []
     slot = np.zeros(n + 1, np.intp)
     slot[present] = np.arange(len(present))
     owner = slot[inst]
-    rows, cols = np.divmod(flat_index, labels.shape[1])
     # Every pixel in its nucleus' box frame: the crop the per-nucleus code measured.
     y = rows - boxes[owner, 0]
     x = cols - boxes[owner, 1]

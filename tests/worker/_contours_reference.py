@@ -168,9 +168,13 @@ def reference_measure(
     n: int,
     np_prob: NDArray[np.float32] | None,
     types: NDArray | None,
+    *,
+    within: NDArray[np.intp] | None = None,
 ) -> list[Nucleus]:
     """One record per id 1..n present in ``labels``: bincounts for the per-pixel sums, then one
-    bounding-box crop per nucleus for its shape."""
+    bounding-box crop per nucleus for its shape. ``within`` (a speed hint of today's
+    ``measure``, which ``hover_instances`` passes) is accepted and ignored: the frozen
+    computation stays as it was."""
     flat_index = np.flatnonzero(labels)
     inst = labels.ravel()[flat_index].astype(np.intp)
     area = np.bincount(inst, minlength=n + 1)

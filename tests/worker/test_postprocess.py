@@ -26,6 +26,7 @@ from skimage.segmentation import watershed
 from models.families import HoverOptions
 from tests.worker._contours_reference import reference_eccentricity, reference_measure
 from tests.worker._official_reference import reference_instances, target_maps
+from worker.component_watershed import _flood, component_watershed
 from worker.nuclei import Nucleus
 from worker.postprocess import (
     HoverInstances,
@@ -36,7 +37,6 @@ from worker.postprocess import (
     segment_maps,
     upsample_maps,
 )
-from worker.watershed import _flood, component_watershed
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))  # make_maps, the benchmark's map generator
