@@ -44,6 +44,8 @@ import numpy as np
 from numpy.typing import NDArray
 from skimage.segmentation import watershed
 
+from worker.instances import pixel_boxes
+
 __all__ = ["Components", "component_watershed", "label_components"]
 
 MAX_TIE_ORDERS = 24
@@ -87,22 +89,6 @@ def label_components(mask: NDArray[np.bool_], pixels: NDArray[np.intp],
     kept = area >= max(min_size, 1)
     kept[0] = False
     return Components(ids=ids, area=area, kept=kept)
-
-
-def _boxes(pixels: NDArray[np.intp], owner: NDArray[np.intp], k: int,
-           width: int) -> NDArray[np.int64]:
-    """(k, 4) boxes row_start, col_start, row_stop, col_stop of the ``pixels`` (raveled) of
-    each ``owner`` 0..k-1 (every owner has a pixel)."""
-    rows, cols = np.divmod(pixels, width)
-    box = np.empty((4, k), np.int64)
-    box[:2] = np.iinfo(np.int64).max
-    box[2:] = -1
-    np.minimum.at(box[0], owner, rows)
-    np.minimum.at(box[1], owner, cols)
-    np.maximum.at(box[2], owner, rows)
-    np.maximum.at(box[3], owner, cols)
-    box[2:] += 1
-    return np.ascontiguousarray(box.T)
 
 
 def _marker_pairs(markers: NDArray[np.int32], comp: NDArray[np.int32],
@@ -231,8 +217,6 @@ def _whole_map(energy: NDArray[np.float64], markers: NDArray[np.int32],
     return out
 
 
-
-
 def component_watershed(
     energy: NDArray[np.float64],
     markers: NDArray[np.int32],
@@ -338,7 +322,8 @@ class _Flood:
         ids = np.flatnonzero(multi)
         slot = np.zeros(len(multi), np.intp)
         slot[ids] = np.arange(ids.size)
-        boxes = _boxes(pixels, slot[comp.ravel()[pixels]], ids.size, comp.shape[1])
+        rows, cols = np.divmod(pixels, comp.shape[1])
+        boxes = pixel_boxes(rows, cols, slot[comp.ravel()[pixels]], ids.size)
         seeds = pixels[markers.ravel()[pixels] > 0]
         touching = _touching_seeds(markers, fg, seeds)
         queued = np.zeros(comp.shape, np.bool_)

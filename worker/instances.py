@@ -15,7 +15,8 @@ from numpy.typing import NDArray
 from worker.contours import pixel_edge_rings
 from worker.nuclei import Nucleus
 
-__all__ = ["MAX_TYPES", "as_float32", "check_map", "check_types", "measure", "measure_nuclei"]
+__all__ = ["MAX_TYPES", "as_float32", "check_map", "check_types", "measure", "measure_nuclei",
+           "pixel_boxes"]
 
 MAX_TYPES = 256
 """Most type channels (or indices) accepted: bounds the (nuclei × types) vote table."""
@@ -102,21 +103,20 @@ def _type_votes(
     return best, counts[rows, best] / np.maximum(counts.sum(axis=1), 1)
 
 
-def _boxes(inst: NDArray[np.intp], rows: NDArray[np.intp], cols: NDArray[np.intp],
-           area: NDArray[np.intp], n: int) -> tuple[NDArray[np.intp], NDArray[np.int64]]:
-    """The ids present among 1..n (``area``: pixels per id, from 0) and their boxes (row_start,
-    col_start, row_stop, col_stop), from the labelled pixels' ids and coordinates: what
-    ``ndimage.find_objects`` finds, without a pass over the whole map."""
-    present = np.flatnonzero(area[1:n + 1]) + 1
-    far = np.iinfo(np.int64).max
-    box = np.stack([np.full(len(area), far), np.full(len(area), far),
-                    np.full(len(area), -1), np.full(len(area), -1)]).astype(np.int64)
-    np.minimum.at(box[0], inst, rows)
-    np.minimum.at(box[1], inst, cols)
-    np.maximum.at(box[2], inst, rows)
-    np.maximum.at(box[3], inst, cols)
+def pixel_boxes(rows: NDArray[np.intp], cols: NDArray[np.intp], owner: NDArray[np.intp],
+                k: int) -> NDArray[np.int64]:
+    """(k, 4) boxes row_start, col_start, row_stop, col_stop of the pixels (``rows``, ``cols``)
+    of each ``owner`` 0..k-1, every owner having a pixel: what ``ndimage.find_objects`` finds,
+    without a pass over the whole map."""
+    box = np.empty((4, k), np.int64)
+    box[:2] = np.iinfo(np.int64).max
+    box[2:] = -1
+    np.minimum.at(box[0], owner, rows)
+    np.minimum.at(box[1], owner, cols)
+    np.maximum.at(box[2], owner, rows)
+    np.maximum.at(box[3], owner, cols)
     box[2:] += 1
-    return present.astype(np.intp), np.ascontiguousarray(box[:, present].T)
+    return np.ascontiguousarray(box.T)
 
 
 def _moments(
@@ -175,13 +175,14 @@ def measure(
         kind, kind_prob = np.zeros(n + 1, np.intp), np.ones(n + 1)
     else:
         kind, kind_prob = _type_votes(inst, _pixel_type(types, flat_index), n)
-    rows, cols = np.divmod(flat_index, labels.shape[1])
-    present, boxes = _boxes(inst, rows, cols, area, n)
+    present = np.flatnonzero(area[1:n + 1]) + 1
     if not len(present):
         return []
     slot = np.zeros(n + 1, np.intp)
     slot[present] = np.arange(len(present))
     owner = slot[inst]
+    rows, cols = np.divmod(flat_index, labels.shape[1])
+    boxes = pixel_boxes(rows, cols, owner, len(present))
     # Every pixel in its nucleus' box frame: the crop the per-nucleus code measured.
     y = rows - boxes[owner, 0]
     x = cols - boxes[owner, 1]

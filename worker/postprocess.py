@@ -22,8 +22,8 @@ ids, with gaps; here they are 1..n in the same order). The speed comes from doin
 same arithmetic with cheaper means: boolean masks instead of int32 ones, hole filling by one
 flood fill instead of iterated dilation, the per-map normalisation, thresholds and lookups done
 on the foreground's pixels alone (the only ones read; :mod:`worker.hv_edges`), the watershed per
-connected component of the foreground (:mod:`worker.watershed`, which says why that is exactly
-the whole-map result), and per-instance measurements from bincounts over the labelled pixels
+connected component of the foreground (:mod:`worker.component_watershed`, which says why that
+is exactly the whole-map result), and per-instance measurements from bincounts over the labelled pixels
 with every outline traced in one batch (:func:`worker.contours.pixel_edge_rings`), no crop per
 nucleus.
 
@@ -293,13 +293,12 @@ def hover_instances(
         HoverOptions(edge_range=edge_range)  # checks the range like a card's
 
     np32 = as_float32(np_arr)
-    foreground: list[NDArray[np.intp]] = []
-    labels, n = instance_labels(
+    labels, n, foreground = instance_labels(
         np32, as_float32(hv_arr), np_threshold=np_threshold, marker_threshold=marker_threshold,
         sobel_ksize=constants.sobel_ksize, min_size=constants.min_size, opening=constants.opening,
-        edge_range=edge_range, index_out=foreground,
+        edge_range=edge_range,
     )
-    nuclei = measure(labels, n, np32, type_arr, within=foreground[0]) if n else []
+    nuclei = measure(labels, n, np32, type_arr, within=foreground) if n else []
     logger.debug("hover_instances: %d nuclei in a %s map (%s)", n, labels.shape, constants)
     return HoverInstances(labels=labels, nuclei=nuclei)
 

@@ -109,10 +109,9 @@ def instance_labels(
     min_size: int,
     opening: int,
     edge_range: tuple[float, float] | None = None,
-    index_out: list[NDArray[np.intp]] | None = None,
-) -> tuple[NDArray[np.int32], int]:
+) -> tuple[NDArray[np.int32], int, NDArray[np.intp]]:
     """Official ``__proc_np_hv`` on validated float32 maps: labels 1..n (in the order of the
-    official marker ids) and n.
+    official marker ids), n and the foreground's pixels.
 
     Parameters
     ----------
@@ -127,8 +126,6 @@ def instance_labels(
     edge_range : (float, float), optional
         A fixed normalisation of the edge maps (see :func:`edge_strength`); None is the official
         per-map min-max.
-    index_out : list, optional
-        Receives the foreground's raveled pixels (every nonzero label is among them).
 
     Returns
     -------
@@ -136,12 +133,12 @@ def instance_labels(
         0 background, nuclei 1..n.
     n : int
         Number of nuclei.
+    foreground : (k,) intp ndarray
+        The foreground's raveled pixels, ascending (every nonzero label is among them).
     """
     fg, index, components = foreground_components(np_prob, np_threshold, min_size)
-    if index_out is not None:
-        index_out.append(index)
     if not components.kept.any():
-        return np.zeros(fg.shape, np.int32), 0
+        return np.zeros(fg.shape, np.int32), 0, index
     overall = edge_strength(hv, fg, sobel_ksize, edge_range, index)
     energy = _energy(overall, fg, index)
     markers = _markers(overall, fg, marker_threshold, opening, min_size, index)
@@ -149,4 +146,4 @@ def instance_labels(
     labels, paths = component_watershed(energy, markers, fg, components, consecutive=True,
                                         fg_index=index)
     logger.debug("watershed paths: %s", dict(paths))
-    return labels, int(labels.max())
+    return labels, int(labels.max()), index

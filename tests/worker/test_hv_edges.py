@@ -101,23 +101,22 @@ def _blobs(seed: int, size: int = 160) -> tuple[NDArray[np.float32], NDArray[np.
 def test_foreground_index_shortcuts_change_nothing(seed: int) -> None:
     prob, hv = _blobs(seed)
     kwargs = dict(np_threshold=0.5, marker_threshold=0.4, sobel_ksize=21, min_size=10, opening=5)
-    found: list[NDArray[np.intp]] = []
-    labels, n = instance_labels(prob, hv, **kwargs, index_out=found)
+    labels, n, found = instance_labels(prob, hv, **kwargs)
     fg, index, components = foreground_components(prob, 0.5, 10)
     thresholded = prob >= np.float32(0.5)
     whole = label_components(thresholded, np.flatnonzero(thresholded), 10)
     assert _same_bits(fg, whole.kept[whole.ids])  # the dropped pieces looked up over the map
     assert not components.kept[1:].all()  # small pieces were dropped
-    assert np.array_equal(found[0], np.flatnonzero(fg)) and np.array_equal(index, found[0])
+    assert np.array_equal(found, np.flatnonzero(fg)) and np.array_equal(index, found)
     energy = -cv2.GaussianBlur(np.where(fg, 1.0 - edge_strength(hv, fg, 21), 0.0), (3, 3), 0)
     markers = (labels * (np.arange(labels.size).reshape(labels.shape) % 3 == 0)).astype(np.int32)
     plain, _ = component_watershed(energy, markers, fg, components, consecutive=True)
     fast, _ = component_watershed(energy, markers, fg, components, consecutive=True,
-                                  fg_index=found[0])
+                                  fg_index=found)
     assert _same_bits(plain, fast)
     types = np.random.default_rng(seed).integers(0, 4, prob.shape)
     slow = measure(labels, n, prob, types)
-    quick = measure(labels, n, prob, types, within=found[0])
+    quick = measure(labels, n, prob, types, within=found)
     assert len(slow) == len(quick) == n > 0
     for a, b in zip(slow, quick, strict=True):
         assert a.contour.dtype == b.contour.dtype and np.array_equal(a.contour, b.contour)
